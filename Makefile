@@ -1,0 +1,30 @@
+# Every target bootstraps .venv from nothing: only Python 3.11+ and pip are needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/variflow demo
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check worker webhooks sandbox migrations tests bench
+	$(BIN)/ruff format --check worker webhooks sandbox migrations tests bench
+	$(BIN)/mypy worker webhooks sandbox
+
+bench: $(STAMP)
+	$(BIN)/python bench/webhook_ingest.py
+
+clean:
+	rm -rf $(VENV) .variflow .pytest_cache .mypy_cache .ruff_cache

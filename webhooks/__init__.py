@@ -1,0 +1,27 @@
+"""The webhook receiver: a small Flask app, one blueprint per concern."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from worker.config import Settings, get_settings
+from worker.logs import configure_logging
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def create_app(settings: Settings | None = None, **config: Any) -> Flask:
+    settings = settings or get_settings()
+    configure_logging(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config.update(config)
+
+    from webhooks.health import bp as health_bp
+    from webhooks.receiver import bp as receiver_bp
+
+    app.register_blueprint(health_bp)
+    app.register_blueprint(receiver_bp)
+    return app

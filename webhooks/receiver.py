@@ -1,0 +1,124 @@
+"""Provider webhooks: verify, find the job, apply through the transition function.
+
+Answers: 413 body over 1 MiB, 404 unknown provider or job, 401 missing or
+wrong secret (nothing is touched), 400 malformed body, 409 a task id that is
+not the job's, otherwise 200 — also for duplicates and stale deliveries, which
+are recorded as ignored events so the provider stops retrying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.jobs import apply_update, lock_job
+from worker.models import Job, utcnow
+from worker.providers import get_provider
+from worker.providers.base import Provider
+from worker.states import UpstreamState
+
+bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str) -> tuple[Response, int]:
+    return jsonify(error=message), status
+
+
+def _webhook_provider(name: str) -> Provider | None:
+    try:
+        provider = get_provider(name)
+    except ValueError:
+        return None
+    return provider if provider.supports_webhook else None
+
+
+def _secret_matches(given: str | None, expected_hash: str | None) -> bool:
+    if not given or not expected_hash:
+        return False
+    return hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), expected_hash)
+
+
+def _parse(provider: Provider) -> UpstreamState | tuple[Response, int]:
+    body: Any = request.get_json(silent=True)
+    if body is None:
+        return _error(400, "body must be JSON")
+    try:
+        return provider.parse_webhook(body)
+    except ValueError as exc:
+        return _error(400, str(exc))
+
+
+@bp.post("/<provider_name>/<job_id>")
+def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
+    request.get_data(cache=True)  # reads the body under MAX_CONTENT_LENGTH: 413 first
+    provider = _webhook_provider(provider_name)
+    try:
+        job_uuid = uuid.UUID(job_id)
+    except ValueError:
+        return _error(404, "unknown job")
+    if provider is None:
+        return _error(404, "unknown provider")
+    assert provider.webhook_secret_header is not None
+    with session_scope() as session:
+        job = lock_job(session, job_uuid)
+        if job is None or job.provider != provider.name:
+            return _error(404, "unknown job")
+        if not _secret_matches(
+            request.headers.get(provider.webhook_secret_header), job.webhook_secret_hash
+        ):
+            log.warning("webhook for job %s: missing or wrong secret", job.id)
+            return _error(401, "missing or wrong secret")
+        return _apply(job, provider, session)
+
+
+@bp.post("/<provider_name>")
+def global_webhook(provider_name: str) -> ResponseReturnValue:
+    request.get_data(cache=True)
+    provider = _webhook_provider(provider_name)
+    if provider is None:
+        return _error(404, "unknown provider")
+    assert provider.webhook_secret_header is not None
+    expected = get_settings().webhook_secret(provider.name)
+    given = request.headers.get(provider.webhook_secret_header)
+    if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
+        log.warning("global %s webhook: missing or wrong secret", provider.name)
+        return _error(401, "missing or wrong secret")
+    state = _parse(provider)
+    if not isinstance(state, UpstreamState):
+        return state
+    with session_scope() as session:
+        job_uuid = session.scalars(
+            select(Job.id).where(
+                Job.provider == provider.name, Job.upstream_task_id == state.upstream_task_id
+            )
+        ).one_or_none()
+        job = lock_job(session, job_uuid) if job_uuid else None
+        if job is None:
+            return _error(404, "no job for this task id")
+        return _apply(job, provider, session, state)
+
+
+def _apply(
+    job: Job, provider: Provider, session: Any, state: UpstreamState | None = None
+) -> ResponseReturnValue:
+    if state is None:
+        parsed = _parse(provider)
+        if not isinstance(parsed, UpstreamState):
+            return parsed
+        state = parsed
+    if job.upstream_task_id and state.upstream_task_id != job.upstream_task_id:
+        return _error(409, "task id does not match this job")
+    job.last_webhook_at = utcnow()
+    result = apply_update(session, job, state)
+    outcome = result.event.kind.value if result.event else "ignored"
+    return jsonify(job_id=str(job.id), status=job.status, outcome=outcome)

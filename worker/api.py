@@ -1,0 +1,238 @@
+"""What applications import: submit_variation, get_job, cancel_job, wait."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.jobs import apply_update, lock_job
+from worker.models import Job, JobEvent, utcnow
+from worker.providers import get_provider
+from worker.states import EventKind, JobStatus, Source, UpstreamState
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"no job with id {job_id}")
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    at: datetime
+    source: str
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    message: str | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A read-only snapshot of a job (safe to keep after the session is gone)."""
+
+    id: uuid.UUID
+    provider: str
+    status: JobStatus
+    params: dict[str, Any]
+    idempotency_key: str | None
+    upstream_task_id: str | None
+    result_urls: list[str]
+    progress: int
+    error_code: str | None
+    error_message: str | None
+    deadline: datetime
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None
+    completed_at: datetime | None
+    events: tuple[EventInfo, ...] = ()
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal
+
+    @classmethod
+    def from_row(cls, job: Job, events: list[JobEvent] | None = None) -> JobInfo:
+        return cls(
+            id=job.id,
+            provider=job.provider,
+            status=JobStatus(job.status),
+            params=dict(job.params),
+            idempotency_key=job.idempotency_key,
+            upstream_task_id=job.upstream_task_id,
+            result_urls=list(job.result_urls or []),
+            progress=job.progress,
+            error_code=job.error_code,
+            error_message=job.error_message,
+            deadline=job.deadline,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            submitted_at=job.submitted_at,
+            completed_at=job.completed_at,
+            events=tuple(
+                EventInfo(e.at, e.source, e.kind, e.from_status, e.to_status, e.message)
+                for e in events or []
+            ),
+        )
+
+
+def submit_variation(
+    provider: str,
+    *,
+    idempotency_key: str | None = None,
+    deadline: datetime | timedelta | float | None = None,
+    **params: Any,
+) -> JobInfo:
+    """Validate, store a queued job, and (after commit) send it to a worker.
+
+    Raises ValueError naming the wrong field; nothing is stored then. The same
+    ``idempotency_key`` returns the job it first created.
+    """
+    adapter = get_provider(provider)
+    clean = adapter.validate(params)
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+    ):
+        raise ValueError(f"idempotency_key: a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    now = utcnow()
+    due = _deadline(deadline, now)
+
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(idempotency_key, provider, clean)
+        if existing is not None:
+            return existing
+    job = Job(
+        id=uuid.uuid4(),
+        provider=provider,
+        status=JobStatus.QUEUED.value,
+        params=clean,
+        idempotency_key=idempotency_key,
+        deadline=due,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session_scope() as session:
+            session.add(job)
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    at=now,
+                    source=Source.API.value,
+                    kind=EventKind.TRANSITION.value,
+                    from_status=None,
+                    to_status=JobStatus.QUEUED.value,
+                    message="accepted",
+                )
+            )
+    except IntegrityError:
+        # Another caller inserted the same idempotency key first: theirs wins.
+        if idempotency_key is None:
+            raise
+        existing = _by_idempotency_key(idempotency_key, provider, clean)
+        if existing is None:
+            raise
+        return existing
+
+    from worker.tasks import send_submit  # the Celery side imports this module
+
+    send_submit(job.id, provider)
+    return get_job(job.id)
+
+
+def get_job(job_id: uuid.UUID | str) -> JobInfo:
+    job_uuid = _as_uuid(job_id)
+    with session_scope() as session:
+        job = session.get(Job, job_uuid)
+        if job is None:
+            raise JobNotFound(job_id)
+        return _snapshot(session, job)
+
+
+def cancel_job(job_id: uuid.UUID | str, reason: str = "cancelled by request") -> JobInfo:
+    """Cancel a job. A terminal job is left as it is (and the attempt recorded)."""
+    job_uuid = _as_uuid(job_id)
+    with session_scope() as session:
+        job = lock_job(session, job_uuid)
+        if job is None:
+            raise JobNotFound(job_id)
+        apply_update(
+            session,
+            job,
+            UpstreamState(
+                JobStatus.CANCELLED, Source.CANCEL, error_code="cancelled", error_message=reason
+            ),
+        )
+    return get_job(job_uuid)
+
+
+def wait(job_id: uuid.UUID | str, timeout: float = 600.0, interval: float = 0.25) -> JobInfo:
+    """Block until the job is terminal; TimeoutError (carrying the last state) otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_job(job_id)
+        if job.is_terminal:
+            return job
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"job {job.id} still {job.status} after {timeout:g}s")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def _by_idempotency_key(key: str, provider: str, params: dict[str, Any]) -> JobInfo | None:
+    with session_scope() as session:
+        job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+        if job is None:
+            return None
+        if job.provider != provider or job.params != params:
+            raise ValueError(
+                f"idempotency_key: {key!r} was already used for a different request (job {job.id})"
+            )
+        return _snapshot(session, job)
+
+
+def _snapshot(session: Session, job: Job) -> JobInfo:
+    events = list(
+        session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
+    )
+    return JobInfo.from_row(job, events)
+
+
+def _deadline(value: datetime | timedelta | float | None, now: datetime) -> datetime:
+    if value is None:
+        return now + timedelta(seconds=get_settings().default_deadline)
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError("deadline: must be timezone-aware")
+        due = value
+    elif isinstance(value, timedelta):
+        due = now + value
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        due = now + timedelta(seconds=float(value))
+    else:
+        raise ValueError("deadline: a datetime, a timedelta or a number of seconds")
+    if due <= now:
+        raise ValueError("deadline: must be in the future")
+    return due
+
+
+def _as_uuid(job_id: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(job_id, uuid.UUID):
+        return job_id
+    try:
+        return uuid.UUID(str(job_id))
+    except ValueError:
+        raise JobNotFound(job_id) from None

@@ -1,0 +1,69 @@
+"""The Celery app, its settings and the beat schedule; nothing else.
+
+Configuration is applied lazily (``add_defaults`` with a callable), so
+importing this module never reads the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from worker.config import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_default_queue": settings.queue,
+        # Tasks run at least once: a message is acknowledged only after the task
+        # returns, and a worker killed mid-task gives it back to the queue.
+        # Every task is idempotent, so a second run is harmless.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # A hung create call is killed before its submit claim expires, so an
+        # expired claim always means the worker is gone.
+        "task_soft_time_limit": max(1.0, settings.submit_claim_ttl - 30),
+        "task_time_limit": max(2.0, settings.submit_claim_ttl - 10),
+        "worker_hijack_root_logger": False,
+        "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
+        "beat_schedule": {},
+    }
+    if settings.uses_filesystem_broker:
+        folder = str(settings.broker_folder)
+        conf["broker_transport_options"] = {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "store_processed": False,
+        }
+    else:
+        conf["broker_transport_options"] = {
+            # Redis redelivers an unacknowledged message after this long. It must
+            # exceed the longest task run and the longest retry countdown (ETA
+            # messages count too), or healthy tasks would be delivered twice.
+            "visibility_timeout": 3600,
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+        }
+        conf["broker_connection_timeout"] = 3
+    return conf
+
+
+app = Celery("variflow", set_as_current=False)
+app.add_defaults(lambda: celery_config(get_settings()))
+app.autodiscover_tasks(["worker"], related_name="tasks", force=False)
+
+
+@app.on_after_configure.connect
+def _prepare_filesystem_broker(sender: Celery, **_: Any) -> None:
+    settings = get_settings()
+    if settings.uses_filesystem_broker:
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+

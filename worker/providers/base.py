@@ -1,0 +1,169 @@
+"""What every provider adapter implements, the values they exchange, and their errors.
+
+Nothing outside ``worker/providers/`` knows which provider it talks to: the
+rest of variflow reads the capability flags below and calls the protocol.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar, Protocol
+
+import httpx
+
+from worker.states import UpstreamState
+
+TRANSIENT_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
+
+
+class UpstreamError(Exception):
+    """A provider call did not give a usable answer."""
+
+    def __init__(self, message: str, *, code: str = "upstream_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class TransientUpstreamError(UpstreamError):
+    """Worth retrying later: connection trouble, timeouts, 429 and 5xx."""
+
+    def __init__(
+        self, message: str, *, code: str = "upstream_unavailable", retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class PermanentUpstreamError(UpstreamError):
+    """The provider refused the request; retrying cannot help. The job fails with it."""
+
+
+class ProviderNotConfigured(PermanentUpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="provider_not_configured")
+
+
+@dataclass(frozen=True)
+class InputImage:
+    content: bytes
+    filename: str
+    content_type: str = "image/png"
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    job_id: uuid.UUID
+    params: Mapping[str, Any]
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    image: InputImage | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the create call answered: a task to follow, or (sync providers) the end state."""
+
+    state: UpstreamState
+    poll_url: str | None = None
+
+
+@dataclass(frozen=True)
+class PollTarget:
+    job_id: uuid.UUID
+    upstream_task_id: str
+    poll_url: str | None = None
+
+
+class Provider(Protocol):
+    name: ClassVar[str]
+    supports_webhook: ClassVar[bool]
+    # The header a webhook carries its shared secret in (webhook providers only).
+    webhook_secret_header: ClassVar[str | None]
+    can_cancel: ClassVar[bool]
+    # Jobs one poll request can carry (1 = one request per job).
+    batch_poll_size: int
+
+    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Normalised params, or ValueError naming the wrong field. No I/O."""
+        ...
+
+    def submit(self, request: SubmitRequest) -> Submission: ...
+
+    def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
+        """States keyed by upstream task id; a batch-wide failure raises UpstreamError."""
+        ...
+
+    def parse_webhook(self, body: Any) -> UpstreamState:
+        """The state a webhook body reports (with its upstream task id); ValueError if malformed."""
+        ...
+
+    def cancel(self, target: PollTarget) -> bool:
+        """Ask the provider to cancel; True when it did."""
+        ...
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def send(
+    client: httpx.Client, provider: str, method: str, url: str, **kwargs: Any
+) -> httpx.Response:
+    """One HTTP call with transport failures, 429 and 5xx turned into TransientUpstreamError."""
+    try:
+        response = client.request(method, url, **kwargs)
+    except httpx.TimeoutException as exc:
+        raise TransientUpstreamError(f"{provider}: timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise TransientUpstreamError(f"{provider}: {type(exc).__name__}: {exc}") from exc
+    if response.status_code in TRANSIENT_STATUS_CODES:
+        raise TransientUpstreamError(
+            f"{provider}: HTTP {response.status_code}",
+            code="rate_limited" if response.status_code == 429 else "upstream_unavailable",
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+    return response
+
+
+def json_body(response: httpx.Response, provider: str) -> Any:
+    try:
+        return response.json()
+    except ValueError as exc:
+        # A 2xx with a broken body is most likely a proxy or truncation glitch.
+        raise TransientUpstreamError(
+            f"{provider}: HTTP {response.status_code} with a body that is not JSON"
+        ) from exc
+
+
+def require_str(params: Mapping[str, Any], name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name}: required, a non-empty string")
+    return value.strip()
+
+
+def reject_unknown(params: Mapping[str, Any], allowed: set[str], provider: str) -> None:
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(
+            f"{unknown[0]}: not a {provider} parameter (allowed: {', '.join(sorted(allowed))})"
+        )

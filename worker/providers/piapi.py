@@ -1,0 +1,174 @@
+"""PiAPI Midjourney variation (providers.md §1): create with a per-job webhook, get, cancel."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+
+from worker.providers.base import (
+    PermanentUpstreamError,
+    PollTarget,
+    ProviderNotConfigured,
+    Submission,
+    SubmitRequest,
+    json_body,
+    reject_unknown,
+    require_str,
+    send,
+)
+from worker.states import JobStatus, Source, UpstreamState
+
+INDEXES = ("1", "2", "3", "4", "high_variation", "low_variation")
+SERVICE_MODES = ("", "public", "private")
+_ASPECT_RATIO = re.compile(r"^\d{1,3}:\d{1,3}$")
+_STATUS = {
+    "pending": JobStatus.SUBMITTED,
+    "staged": JobStatus.SUBMITTED,
+    "processing": JobStatus.PROCESSING,
+    "completed": JobStatus.COMPLETED,
+    "failed": JobStatus.FAILED,
+}
+_PARAMS = {"origin_task_id", "index", "prompt", "aspect_ratio", "skip_prompt_check", "service_mode"}
+
+
+class PiAPIProvider:
+    name: ClassVar[str] = "piapi"
+    supports_webhook: ClassVar[bool] = True
+    webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"
+    can_cancel: ClassVar[bool] = True
+
+    def __init__(self, client: httpx.Client, base_url: str, api_key: str | None) -> None:
+        self._client = client
+        self._base = base_url.rstrip("/")
+        self._api_key = api_key
+        self.batch_poll_size = 1
+
+    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, _PARAMS, self.name)
+        index = params.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            index = str(index)
+        if index not in INDEXES:
+            raise ValueError(f"index: must be one of {', '.join(INDEXES)}, got {index!r}")
+        clean: dict[str, Any] = {
+            "origin_task_id": require_str(params, "origin_task_id"),
+            "index": index,
+            "prompt": require_str(params, "prompt"),
+        }
+        if "aspect_ratio" in params:
+            ratio = params["aspect_ratio"]
+            if not isinstance(ratio, str) or not _ASPECT_RATIO.match(ratio):
+                raise ValueError(f"aspect_ratio: must look like '16:9', got {ratio!r}")
+            clean["aspect_ratio"] = ratio
+        if "skip_prompt_check" in params:
+            if not isinstance(params["skip_prompt_check"], bool):
+                raise ValueError("skip_prompt_check: must be true or false")
+            clean["skip_prompt_check"] = params["skip_prompt_check"]
+        if "service_mode" in params:
+            if params["service_mode"] not in SERVICE_MODES:
+                raise ValueError(f"service_mode: must be one of {SERVICE_MODES}")
+            clean["service_mode"] = params["service_mode"]
+        return clean
+
+    def submit(self, request: SubmitRequest) -> Submission:
+        params = dict(request.params)
+        service_mode = params.pop("service_mode", None)
+        config: dict[str, Any] = {}
+        if service_mode is not None:
+            config["service_mode"] = service_mode
+        if request.webhook_url:
+            config["webhook_config"] = {
+                "endpoint": request.webhook_url,
+                "secret": request.webhook_secret or "",
+            }
+        body: dict[str, Any] = {"model": "midjourney", "task_type": "variation", "input": params}
+        if config:
+            body["config"] = config
+        data = self._call("POST", "/api/v1/task", json=body)
+        state = self.state_from_data(data, Source.SUBMIT)
+        if not state.upstream_task_id:
+            raise PermanentUpstreamError("piapi: create answered without a task_id")
+        return Submission(state=state)
+
+    def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
+        states = {}
+        for target in targets:
+            data = self._call("GET", f"/api/v1/task/{target.upstream_task_id}")
+            states[target.upstream_task_id] = self.state_from_data(data, Source.POLL)
+        return states
+
+    def parse_webhook(self, body: Any) -> UpstreamState:
+        if not isinstance(body, Mapping) or "timestamp" not in body or "data" not in body:
+            raise ValueError("body must be a JSON object with 'timestamp' and 'data'")
+        data = body["data"]
+        if not isinstance(data, Mapping) or not isinstance(data.get("task_id"), str):
+            raise ValueError("data.task_id: required, a string")
+        return self.state_from_data(data, Source.WEBHOOK)
+
+    def cancel(self, target: PollTarget) -> bool:
+        try:
+            self._call("DELETE", f"/api/v1/task/{target.upstream_task_id}", envelope=False)
+        except PermanentUpstreamError:
+            return False  # no longer pending upstream: it can't be cancelled there
+        return True
+
+    def state_from_data(self, data: Mapping[str, Any], source: Source) -> UpstreamState:
+        raw_status = str(data.get("status") or "").strip().lower()
+        status = _STATUS.get(raw_status, JobStatus.SUBMITTED)
+        output = data.get("output") if isinstance(data.get("output"), Mapping) else {}
+        assert isinstance(output, Mapping)
+        progress = output.get("progress", output.get("task_progress"))
+        error = data.get("error") if isinstance(data.get("error"), Mapping) else {}
+        assert isinstance(error, Mapping)
+        error_message = str(error.get("message") or error.get("raw_message") or "") or None
+        task_id = data.get("task_id")
+        return UpstreamState(
+            status=status,
+            source=source,
+            progress=int(progress) if isinstance(progress, int | float) else None,
+            image_urls=_image_urls(output),
+            error_code="upstream_failed" if status is JobStatus.FAILED else None,
+            error_message=error_message,
+            upstream_task_id=str(task_id) if task_id else None,
+            payload={"status": raw_status, "progress": progress, "task_id": task_id},
+        )
+
+    def _call(self, method: str, path: str, *, envelope: bool = True, **kwargs: Any) -> Any:
+        if not self._api_key:
+            raise ProviderNotConfigured("piapi: VARIFLOW_PIAPI_API_KEY is not set")
+        response = send(
+            self._client,
+            self.name,
+            method,
+            self._base + path,
+            headers={"X-API-Key": self._api_key},
+            **kwargs,
+        )
+        body = json_body(response, self.name)
+        code = body.get("code") if isinstance(body, Mapping) else None
+        if response.status_code != 200 or code != 200:
+            message = body.get("message") if isinstance(body, Mapping) else None
+            raise PermanentUpstreamError(
+                f"piapi: {message or 'error'} (HTTP {response.status_code}, code {code})",
+                code="upstream_rejected",
+            )
+        if not envelope:
+            return body
+        data = body.get("data")
+        if not isinstance(data, Mapping):
+            raise PermanentUpstreamError("piapi: answer without a data object")
+        return data
+
+
+def _image_urls(output: Mapping[str, Any]) -> tuple[str, ...]:
+    for key in ("image_urls", "temporary_image_urls"):
+        urls = output.get(key)
+        if isinstance(urls, list):
+            found = tuple(u for u in urls if isinstance(u, str) and u)
+            if found:
+                return found
+    grid = output.get("image_url")
+    return (grid,) if isinstance(grid, str) and grid else ()

@@ -1,0 +1,218 @@
+"""Job statuses and the one transition function.
+
+Webhooks, polls, the submit task, the sweep and cancel all describe what they
+learned as an :class:`UpstreamState` and hand it to :func:`transition`, which
+decides what to write and which event to record. It is pure: no I/O, no clock
+(``now`` is passed in), so every rule is testable on its own.
+
+Rules: status only moves forward (queued < submitted < processing < terminal);
+a terminal job never changes; a stale, duplicate or out-of-order update is an
+``ignored`` event, never an exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.rank == _TERMINAL_RANK
+
+
+_TERMINAL_RANK = 3
+_RANK = {
+    JobStatus.QUEUED: 0,
+    JobStatus.SUBMITTED: 1,
+    JobStatus.PROCESSING: 2,
+    JobStatus.COMPLETED: _TERMINAL_RANK,
+    JobStatus.FAILED: _TERMINAL_RANK,
+    JobStatus.CANCELLED: _TERMINAL_RANK,
+}
+TERMINAL_STATUSES = frozenset(s for s in JobStatus if s.is_terminal)
+ACTIVE_UPSTREAM_STATUSES = frozenset({JobStatus.SUBMITTED, JobStatus.PROCESSING})
+
+
+class Source(StrEnum):
+    """Who learned what an update says."""
+
+    API = "api"
+    SUBMIT = "submit"
+    WEBHOOK = "webhook"
+    POLL = "poll"
+    SWEEP = "sweep"
+    CANCEL = "cancel"
+
+
+class EventKind(StrEnum):
+    TRANSITION = "transition"
+    PROGRESS = "progress"
+    IGNORED = "ignored"
+    INFO = "info"
+
+
+@dataclass(frozen=True)
+class UpstreamState:
+    """What one source says the job's state is now."""
+
+    status: JobStatus
+    source: Source
+    progress: int | None = None
+    image_urls: tuple[str, ...] = ()
+    error_code: str | None = None
+    error_message: str | None = None
+    upstream_task_id: str | None = None
+    # A small, redacted summary of what was received, kept in the event.
+    payload: Mapping[str, Any] | None = None
+
+
+class JobLike(Protocol):
+    """The fields of a job the transition reads (the ORM Job satisfies it)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def progress(self) -> int: ...
+    @property
+    def upstream_task_id(self) -> str | None: ...
+    @property
+    def submitted_at(self) -> datetime | None: ...
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    source: Source
+    kind: EventKind
+    from_status: JobStatus
+    to_status: JobStatus
+    message: str | None = None
+    payload: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    changes: Mapping[str, Any] = field(default_factory=dict)
+    event: EventRecord | None = None
+
+    @property
+    def applied(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def became_terminal(self) -> bool:
+        return self.event is not None and (
+            self.event.kind is EventKind.TRANSITION and self.event.to_status.is_terminal
+        )
+
+
+NO_RESULT = "no_result"
+UPSTREAM_FAILED = "upstream_failed"
+
+
+def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition:
+    """Decide what ``update`` changes on ``job``: the columns to write and the event."""
+    current = JobStatus(job.status)
+
+    def ignored(reason: str) -> Transition:
+        return Transition(
+            event=EventRecord(
+                update.source, EventKind.IGNORED, current, update.status, reason, update.payload
+            )
+        )
+
+    if current.is_terminal:
+        return ignored(f"job is already {current}")
+    if (
+        update.upstream_task_id
+        and job.upstream_task_id
+        and update.upstream_task_id != job.upstream_task_id
+    ):
+        return ignored(f"update is for upstream task {update.upstream_task_id!r}")
+    if update.status.rank < current.rank:
+        return ignored(f"stale: {update.status} after {current}")
+
+    progress = _clamp(update.progress) if update.progress is not None else None
+    if update.status == current:
+        if progress is not None and progress > job.progress:
+            return Transition(
+                changes={"progress": progress, "updated_at": now},
+                event=EventRecord(
+                    update.source,
+                    EventKind.PROGRESS,
+                    current,
+                    current,
+                    f"progress {progress}%",
+                    update.payload,
+                ),
+            )
+        return ignored(f"duplicate: already {current}")
+
+    target, error_code, error_message = _resolve_target(update)
+    changes: dict[str, Any] = {"status": target.value, "updated_at": now}
+    if update.upstream_task_id and not job.upstream_task_id:
+        changes["upstream_task_id"] = update.upstream_task_id
+    if current is JobStatus.QUEUED:
+        changes["claim_token"] = None
+        changes["claimed_until"] = None
+        changes["retry_at"] = None
+    if target.rank >= JobStatus.SUBMITTED.rank and job.submitted_at is None:
+        changes["submitted_at"] = now
+    if progress is not None and progress > job.progress:
+        changes["progress"] = progress
+
+    message: str | None = None
+    if target is JobStatus.COMPLETED:
+        changes["progress"] = 100
+        changes["result_urls"] = list(update.image_urls)
+    if target in (JobStatus.FAILED, JobStatus.CANCELLED):
+        changes["error_code"] = error_code
+        changes["error_message"] = error_message
+        message = f"{error_code}: {error_message}" if error_code else error_message
+    if target.is_terminal:
+        changes["completed_at"] = now
+        changes["next_poll_at"] = None
+    return Transition(
+        changes=changes,
+        event=EventRecord(
+            update.source, EventKind.TRANSITION, current, target, message, update.payload
+        ),
+    )
+
+
+def _resolve_target(update: UpstreamState) -> tuple[JobStatus, str | None, str | None]:
+    if update.status is JobStatus.COMPLETED and not update.image_urls:
+        # A "completed" that carries nothing the user paid for is a failure.
+        return (
+            JobStatus.FAILED,
+            NO_RESULT,
+            "provider reported completion without result images",
+        )
+    if update.status is JobStatus.FAILED:
+        return (
+            JobStatus.FAILED,
+            update.error_code or UPSTREAM_FAILED,
+            update.error_message or "provider reported failure without a message",
+        )
+    if update.status is JobStatus.CANCELLED:
+        return JobStatus.CANCELLED, update.error_code, update.error_message
+    return update.status, None, None
+
+
+def _clamp(progress: int) -> int:
+    return max(0, min(100, int(progress)))

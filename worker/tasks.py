@@ -1,0 +1,243 @@
+"""Celery tasks. Thin: load the row, call the adapter, apply the transition.
+
+Tasks take job ids, never objects, and may run more than once (acks_late):
+each one re-reads the database and does nothing when there is nothing to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import or_, select, update
+
+from worker.celery_app import app
+from worker.config import Settings, get_settings
+from worker.db import session_scope
+from worker.jobs import apply_update, lock_job, record_event
+from worker.models import Job, JobInput, utcnow
+from worker.providers import get_provider
+from worker.providers.base import (
+    InputImage,
+    PermanentUpstreamError,
+    Submission,
+    SubmitRequest,
+    TransientUpstreamError,
+    UpstreamError,
+)
+from worker.states import JobStatus, Source, UpstreamState
+
+log = logging.getLogger(__name__)
+
+# A message that arrives a moment before its retry is due still counts.
+RETRY_TOLERANCE = timedelta(seconds=1)
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def send_submit(job_id: uuid.UUID, provider: str) -> bool:
+    """Nudge a worker to submit a job. The row is already committed, so a failed
+    send loses nothing: the sweep re-sends queued jobs whose message was lost."""
+    try:
+        submit_job.apply_async(
+            args=(str(job_id),),
+            kwargs={"provider": provider},
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except Exception as exc:  # kombu/redis raise many types; none may lose the job
+        log.warning(
+            "job %s is queued but its submit message could not be sent (%s: %s); "
+            "the sweep will send it again",
+            job_id,
+            type(exc).__name__,
+            exc,
+            extra={"job_id": str(job_id), "provider": provider},
+        )
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    provider: str
+    token: str
+    attempt: int
+    params: dict[str, Any]
+    deadline: datetime
+    webhook_secret: str
+    image: InputImage | None
+
+
+def claim_for_submit(job_id: uuid.UUID, settings: Settings) -> Claim | None:
+    """Make this worker the job's only submitter, or return None.
+
+    One conditional UPDATE decides between concurrent workers (the database
+    serialises it); the claim expires after ``submit_claim_ttl`` so a worker
+    that dies holding it does not strand the job.
+    """
+    now = utcnow()
+    token = secrets.token_hex(16)
+    # A fresh secret per attempt: webhooks from an abandoned earlier create
+    # cannot authenticate as this job's task.
+    webhook_secret = secrets.token_urlsafe(32)
+    with session_scope() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                or_(Job.claimed_until.is_(None), Job.claimed_until < now),
+                or_(Job.retry_at.is_(None), Job.retry_at <= now + RETRY_TOLERANCE),
+            )
+            .values(
+                claim_token=token,
+                claimed_until=now + timedelta(seconds=settings.submit_claim_ttl),
+                submit_attempts=Job.submit_attempts + 1,
+                webhook_secret_hash=hash_secret(webhook_secret),
+                retry_at=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        record_event(session, job, Source.SUBMIT, f"claimed for submission (attempt {job.submit_attempts})")
+        stored = session.get(JobInput, job_id)
+        image = InputImage(stored.content, stored.filename, stored.content_type) if stored else None
+        return Claim(
+            job_id=job.id,
+            provider=job.provider,
+            token=token,
+            attempt=job.submit_attempts,
+            params=dict(job.params),
+            deadline=job.deadline,
+            webhook_secret=webhook_secret,
+            image=image,
+        )
+
+
+@app.task(name="variflow.submit_job", bind=True, max_retries=None)
+def submit_job(self: Any, job_id: str, provider: str = "") -> None:
+    """Create the job's task upstream, exactly once per claim."""
+    settings = get_settings()
+    claim = claim_for_submit(uuid.UUID(job_id), settings)
+    if claim is None:
+        log.info("job %s: nothing to submit (not queued, claimed, or not yet due)", job_id)
+        return
+    if claim.deadline <= utcnow():
+        _finish(claim, _failure("timeout", "deadline passed before the job was submitted"))
+        return
+    adapter = get_provider(claim.provider)
+    request = SubmitRequest(
+        job_id=claim.job_id,
+        params=claim.params,
+        webhook_url=(
+            f"{settings.public_base}/webhooks/{claim.provider}/{claim.job_id}"
+            if adapter.supports_webhook
+            else None
+        ),
+        webhook_secret=claim.webhook_secret if adapter.supports_webhook else None,
+        image=claim.image,
+    )
+    try:
+        submission = adapter.submit(request)
+    except PermanentUpstreamError as exc:
+        _finish(claim, _failure(exc.code, exc.message))
+        return
+    except UpstreamError as exc:
+        delay = _retry_or_fail(claim, exc, settings)
+    except Exception as exc:
+        log.exception("job %s: unexpected error while submitting", job_id)
+        delay = _retry_or_fail(claim, TransientUpstreamError(f"internal error: {exc!r}"), settings)
+    else:
+        _finish(claim, submission)
+        return
+    if delay is not None:
+        raise self.retry(countdown=delay)
+
+
+def _failure(code: str, message: str) -> Submission:
+    return Submission(
+        state=UpstreamState(JobStatus.FAILED, Source.SUBMIT, error_code=code, error_message=message)
+    )
+
+
+def _retry_or_fail(claim: Claim, exc: UpstreamError, settings: Settings) -> float | None:
+    """Release the claim for a later attempt (returns its delay), or fail the job."""
+    if claim.attempt > settings.submit_max_retries:
+        _finish(claim, _failure(exc.code, f"gave up after {claim.attempt} attempts: {exc.message}"))
+        return None
+    backoff = get_exponential_backoff_interval(
+        factor=settings.submit_retry_base,
+        retries=claim.attempt - 1,
+        maximum=settings.submit_retry_cap,
+        full_jitter=True,
+    )
+    retry_after = exc.retry_after if isinstance(exc, TransientUpstreamError) else None
+    delay = max(float(backoff), retry_after or 0.0, 0.5)
+    with session_scope() as session:
+        job = lock_job(session, claim.job_id)
+        if job is None or job.claim_token != claim.token:
+            return None  # the claim was lost meanwhile; whoever holds it now decides
+        job.claim_token = None
+        job.claimed_until = None
+        job.retry_at = utcnow() + timedelta(seconds=delay)
+        record_event(session, job, Source.SUBMIT, f"{exc.message}; retrying in {delay:.1f}s")
+    log.warning(
+        "job %s: transient error on submit attempt %d (%s); retrying in %.1fs",
+        claim.job_id,
+        claim.attempt,
+        exc.message,
+        delay,
+        extra={"job_id": str(claim.job_id), "provider": claim.provider},
+    )
+    return delay
+
+
+def _finish(claim: Claim, submission: Submission) -> None:
+    settings = get_settings()
+    with session_scope() as session:
+        job = lock_job(session, claim.job_id)
+        if job is None:
+            return
+        result = apply_update(session, job, submission.state)
+        if submission.poll_url:
+            job.poll_url = submission.poll_url
+        if result.applied and not job.is_terminal:
+            job.next_poll_at = first_poll_at(get_provider(job.provider).supports_webhook, settings)
+
+
+def first_poll_at(supports_webhook: bool, settings: Settings) -> datetime:
+    """When a just-submitted job is first polled: webhook providers only as a fallback."""
+    wait = settings.piapi_webhook_grace if supports_webhook else settings.poll_backoff_start
+    return utcnow() + timedelta(seconds=wait)
+
+
+def queued_jobs_needing_a_message(limit: int, now: datetime, grace: timedelta) -> list[uuid.UUID]:
+    """Queued, unclaimed jobs whose submit message is overdue: the sweep re-sends these."""
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Job.id)
+                .where(
+                    Job.status == JobStatus.QUEUED.value,
+                    or_(Job.claimed_until.is_(None), Job.claimed_until < now),
+                    or_(Job.retry_at.is_(None), Job.retry_at < now - grace),
+                    Job.updated_at < now - grace,
+                )
+                .order_by(Job.created_at)
+                .limit(limit)
+            )
+        )
