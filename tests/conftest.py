@@ -1,0 +1,129 @@
+"""Shared fixtures: real PostgreSQL and Redis, the embedded SQLite default, and settings.
+
+PostgreSQL and Redis are found from VARIFLOW_TEST_DATABASE_URL and
+VARIFLOW_TEST_REDIS_URL. When one is unreachable the tests that need it are
+skipped, unless VARIFLOW_REQUIRE_SERVICES=1 (CI), which makes it a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from worker.config import Settings, get_settings, reset_settings
+from worker.db import reset_engines
+from worker.migrate import upgrade
+from worker.providers import reset_providers
+from worker.providers.http import reset_client
+
+PG_URL = os.environ.get(
+    "VARIFLOW_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("VARIFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("VARIFLOW_REQUIRE_SERVICES") == "1"
+SANDBOX_KEY = "sandbox-key"
+
+# Variables a developer's shell may carry that must not leak into tests.
+_ISOLATE = [name for name in os.environ if name.startswith("VARIFLOW_") and "TEST" not in name]
+
+
+def unavailable(what: str, error: Exception) -> None:
+    message = f"{what} unreachable: {type(error).__name__}: {error}"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (VARIFLOW_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+def reset_process_state() -> None:
+    reset_settings()
+    reset_engines()
+    reset_client()
+    reset_providers()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for name in _ISOLATE:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VARIFLOW_HOME", str(tmp_path / "home"))
+    reset_process_state()
+    yield
+    reset_process_state()
+
+
+Configure = Callable[..., Settings]
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Configure:
+    """Set VARIFLOW_* variables (by lower-case field name) and reload settings."""
+
+    def apply(**values: object) -> Settings:
+        for name, value in values.items():
+            monkeypatch.setenv(f"VARIFLOW_{name.upper()}", str(value))
+        reset_process_state()
+        return get_settings()
+
+    return apply
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path, configure: Configure) -> str:
+    """A migrated SQLite database in a temporary folder, made the current one."""
+    url = f"sqlite:///{tmp_path / 'variflow.db'}"
+    configure(database_url=url)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for this test session."""
+    admin_url = make_url(PG_URL)
+    name = f"variflow_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        unavailable(f"PostgreSQL at {admin_url.render_as_string(hide_password=True)}", exc)
+    url = admin_url.set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server_url: str, configure: Configure) -> str:
+    """The session's PostgreSQL database, emptied, made the current one."""
+    engine = create_engine(pg_server_url)
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE jobs, job_events, job_inputs CASCADE"))
+    engine.dispose()
+    configure(database_url=pg_server_url)
+    return pg_server_url
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        unavailable(f"Redis at {REDIS_URL}", exc)
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str, configure: Configure) -> str:
+    """Redis as the broker, on a queue of this test's own."""
+    configure(broker_url=redis_server_url, queue=f"variflow-test-{uuid.uuid4().hex[:8]}")
+    return redis_server_url
