@@ -1,0 +1,81 @@
+"""A running variflow: sandbox (in-process, so tests can turn its knobs), the webhook
+app under gunicorn and a Celery worker as real subprocesses, over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from tests.conftest import Configure
+from worker.api import JobInfo, get_job
+from worker.devstack import Stack, free_port, sandbox_env
+
+
+@dataclass
+class RunningStack:
+    sandbox: SandboxServer
+    stack: Stack
+    web_url: str
+    backend: str
+
+    def wait_for(
+        self, predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition"
+    ) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            self.stack.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            time.sleep(0.05)
+
+    def wait_terminal(self, job_id: object, timeout: float = 60.0) -> JobInfo:
+        def terminal() -> JobInfo | None:
+            job = get_job(job_id)  # type: ignore[arg-type]
+            return job if job.is_terminal else None
+
+        result: JobInfo = self.wait_for(terminal, timeout, f"job {job_id} to finish")
+        return result
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def backend(request: pytest.FixtureRequest, configure: Configure) -> str:
+    if request.param == "postgres":
+        request.getfixturevalue("pg_url")
+        request.getfixturevalue("redis_url")
+    else:
+        request.getfixturevalue("sqlite_url")
+    return str(request.param)
+
+
+@pytest.fixture
+def sandbox_config() -> SandboxConfig:
+    return SandboxConfig(pending_seconds=0.2, processing_seconds=0.4, seed=7)
+
+
+@pytest.fixture
+def running_stack(
+    backend: str, sandbox_config: SandboxConfig, configure: Configure, tmp_path: Path
+) -> Iterator[RunningStack]:
+    with SandboxServer(config=sandbox_config) as sandbox:
+        web_port = free_port()
+        web_url = f"http://127.0.0.1:{web_port}"
+        # Short retry backoff so that retried submits finish within a test.
+        configure(public_url=web_url, submit_retry_base=0.2, submit_retry_cap=1.0, **{
+            k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()
+        })
+        env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
+        with Stack(env, tmp_path / "logs") as stack:
+            stack.start_web(web_port, workers=1)
+            stack.start_worker()
+            yield RunningStack(sandbox, stack, web_url, backend)
