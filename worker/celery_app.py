@@ -66,4 +66,3 @@ def _prepare_filesystem_broker(sender: Celery, **_: Any) -> None:
     settings = get_settings()
     if settings.uses_filesystem_broker:
         settings.broker_folder.mkdir(parents=True, exist_ok=True)
-

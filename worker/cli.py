@@ -51,9 +51,22 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     bind = f"{host or settings.host}:{port or settings.port}"
     os.execvp(
         sys.executable,
-        [sys.executable, "-m", "gunicorn", "--bind", bind, "--workers", str(workers),
-         "--worker-class", "gthread", "--threads", "4", "--access-logfile", "-",
-         "webhooks.wsgi:app"],
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--bind",
+            bind,
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "4",
+            "--access-logfile",
+            "-",
+            "webhooks.wsgi:app",
+        ],
     )
 
 
@@ -137,7 +150,9 @@ def demo(keep: bool) -> None:
         stack.start_web(web_port, workers=1)
         stack.start_worker()
         stack.start_beat()
-        click.echo(f"sandbox, webhooks ({web_url}), worker and beat are up; logs in {home / 'logs'}")
+        click.echo(
+            f"sandbox, webhooks ({web_url}), worker and beat are up; logs in {home / 'logs'}"
+        )
         job = submit_variation(
             "piapi",
             origin_task_id="demo-imagine-task",
@@ -205,7 +220,8 @@ def _save_results(urls: list[str], folder: Path) -> list[tuple[str, Path]]:
 def _job_json(job: Any) -> dict[str, Any]:
     data = {k: v for k, v in vars(job).items() if k != "events"}
     data["events"] = [vars(e) for e in job.events]
-    return json.loads(json.dumps(data, default=str))
+    plain: dict[str, Any] = json.loads(json.dumps(data, default=str))
+    return plain
 
 
 def main() -> None:

@@ -30,7 +30,9 @@ def free_port() -> int:
         return port
 
 
-def wait_until_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until_http_ok(
+    url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -94,8 +96,18 @@ class Stack:
     def start_worker(self, concurrency: int = 2) -> None:
         self.start(
             "worker",
-            [*_celery(), "worker", "--concurrency", str(concurrency), "--loglevel", "INFO",
-             "--without-gossip", "--without-mingle", "--hostname", f"variflow-{os.getpid()}@%h"],
+            [
+                *_celery(),
+                "worker",
+                "--concurrency",
+                str(concurrency),
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
+                "--hostname",
+                f"variflow-{os.getpid()}@%h",
+            ],
         )
 
     def start_beat(self) -> None:

@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
     """Load a job holding its row lock (PostgreSQL) until the transaction ends."""
     return session.scalars(
-        select(Job).where(Job.id == job_id).with_for_update().execution_options(populate_existing=True)
+        select(Job)
+        .where(Job.id == job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     ).one_or_none()
 
 

@@ -113,7 +113,9 @@ def claim_for_submit(job_id: uuid.UUID, settings: Settings) -> Claim | None:
             return None
         job = session.get(Job, job_id, populate_existing=True)
         assert job is not None
-        record_event(session, job, Source.SUBMIT, f"claimed for submission (attempt {job.submit_attempts})")
+        record_event(
+            session, job, Source.SUBMIT, f"claimed for submission (attempt {job.submit_attempts})"
+        )
         stored = session.get(JobInput, job_id)
         image = InputImage(stored.content, stored.filename, stored.content_type) if stored else None
         return Claim(

@@ -71,9 +71,12 @@ def running_stack(
         web_port = free_port()
         web_url = f"http://127.0.0.1:{web_port}"
         # Short retry backoff so that retried submits finish within a test.
-        configure(public_url=web_url, submit_retry_base=0.2, submit_retry_cap=1.0, **{
-            k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()
-        })
+        configure(
+            public_url=web_url,
+            submit_retry_base=0.2,
+            submit_retry_cap=1.0,
+            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()},
+        )
         env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
         with Stack(env, tmp_path / "logs") as stack:
             stack.start_web(web_port, workers=1)

@@ -42,9 +42,10 @@ def at_once(n: int, fn: Callable[[], T]) -> list[T]:
 @pytest.fixture
 def sandbox(configure: Configure) -> Iterator[SandboxServer]:
     with SandboxServer(config=SandboxConfig(pending_seconds=5, processing_seconds=5)) as server:
-        configure(public_url="http://127.0.0.1:9", **{
-            k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(server.url).items()
-        })
+        configure(
+            public_url="http://127.0.0.1:9",
+            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(server.url).items()},
+        )
         yield server
 
 
@@ -53,9 +54,7 @@ def _job_count() -> int:
         return int(session.scalar(select(func.count()).select_from(Job)) or 0)
 
 
-def test_same_idempotency_key_at_the_same_moment_makes_one_job(
-    pg_url: str, redis_url: str
-) -> None:
+def test_same_idempotency_key_at_the_same_moment_makes_one_job(pg_url: str, redis_url: str) -> None:
     jobs = at_once(8, lambda: submit_variation("piapi", idempotency_key="order-42", **PIAPI))
 
     assert len({job.id for job in jobs}) == 1

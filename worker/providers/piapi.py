@@ -37,7 +37,7 @@ _PARAMS = {"origin_task_id", "index", "prompt", "aspect_ratio", "skip_prompt_che
 class PiAPIProvider:
     name: ClassVar[str] = "piapi"
     supports_webhook: ClassVar[bool] = True
-    webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"
+    webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"  # noqa: S105
     can_cancel: ClassVar[bool] = True
 
     def __init__(self, client: httpx.Client, base_url: str, api_key: str | None) -> None:
