@@ -22,6 +22,7 @@ from worker.config import get_settings
 from worker.db import session_scope
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, utcnow
+from worker.polling import poll_at_after_webhook
 from worker.providers import get_provider
 from worker.providers.base import Provider
 from worker.states import UpstreamState
@@ -118,7 +119,10 @@ def _apply(
         state = parsed
     if job.upstream_task_id and state.upstream_task_id != job.upstream_task_id:
         return _error(409, "task id does not match this job")
-    job.last_webhook_at = utcnow()
-    result = apply_update(session, job, state)
+    now = utcnow()
+    job.last_webhook_at = now
+    result = apply_update(session, job, state, now)
+    if not job.is_terminal:
+        job.next_poll_at = poll_at_after_webhook(get_settings(), now)
     outcome = result.event.kind.value if result.event else "ignored"
     return jsonify(job_id=str(job.id), status=job.status, outcome=outcome)

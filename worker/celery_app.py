@@ -34,7 +34,19 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_time_limit": max(2.0, settings.submit_claim_ttl - 10),
         "worker_hijack_root_logger": False,
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
-        "beat_schedule": {},
+        "beat_schedule": {
+            # expires: a tick nobody ran in time is dropped, not piled up.
+            "poll-due": {
+                "task": "variflow.poll_due",
+                "schedule": settings.poll_interval,
+                "options": {"expires": settings.poll_interval * 5},
+            },
+            "sweep": {
+                "task": "variflow.sweep",
+                "schedule": settings.sweep_interval,
+                "options": {"expires": settings.sweep_interval},
+            },
+        },
     }
     if settings.uses_filesystem_broker:
         folder = str(settings.broker_folder)

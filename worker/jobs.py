@@ -31,14 +31,19 @@ def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
 
 
 def apply_update(
-    session: Session, job: Job, update: UpstreamState, now: datetime | None = None
+    session: Session,
+    job: Job,
+    update: UpstreamState,
+    now: datetime | None = None,
+    *,
+    record_duplicates: bool = True,
 ) -> Transition:
     """Apply ``update`` to a job the caller has locked; the caller commits."""
     now = now or utcnow()
     result = transition(job, update, now)
     for column, value in result.changes.items():
         setattr(job, column, value)
-    if result.event is not None:
+    if result.event is not None and (record_duplicates or not result.event.duplicate):
         event = result.event
         session.add(
             JobEvent(

@@ -103,6 +103,8 @@ class EventRecord:
     to_status: JobStatus
     message: str | None = None
     payload: Mapping[str, Any] | None = None
+    # Same status, nothing new: pollers skip recording these (one per poll otherwise).
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,16 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
     """Decide what ``update`` changes on ``job``: the columns to write and the event."""
     current = JobStatus(job.status)
 
-    def ignored(reason: str) -> Transition:
+    def ignored(reason: str, duplicate: bool = False) -> Transition:
         return Transition(
             event=EventRecord(
-                update.source, EventKind.IGNORED, current, update.status, reason, update.payload
+                update.source,
+                EventKind.IGNORED,
+                current,
+                update.status,
+                reason,
+                update.payload,
+                duplicate,
             )
         )
 
@@ -161,7 +169,7 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
                     update.payload,
                 ),
             )
-        return ignored(f"duplicate: already {current}")
+        return ignored(f"duplicate: already {current}", duplicate=True)
 
     target, error_code, error_message = _resolve_target(update)
     changes: dict[str, Any] = {"status": target.value, "updated_at": now}

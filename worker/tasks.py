@@ -15,27 +15,31 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery.utils.time import get_exponential_backoff_interval
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, update
 
 from worker.celery_app import app
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.jobs import apply_update, lock_job, record_event
 from worker.models import Job, JobInput, utcnow
+from worker.polling import first_poll_at, lease_due, poll_jobs
 from worker.providers import get_provider
 from worker.providers.base import (
     InputImage,
     PermanentUpstreamError,
+    PollTarget,
     Submission,
     SubmitRequest,
     TransientUpstreamError,
     UpstreamError,
 )
 from worker.states import JobStatus, Source, UpstreamState
+from worker.sweep import sweep
 
 log = logging.getLogger(__name__)
 
 # A message that arrives a moment before its retry is due still counts.
+MAX_LEASES_PER_RUN = 50
 RETRY_TOLERANCE = timedelta(seconds=1)
 
 
@@ -64,6 +68,13 @@ def send_submit(job_id: uuid.UUID, provider: str) -> bool:
         )
         return False
     return True
+
+
+def send_cancel_upstream(job_id: uuid.UUID) -> None:
+    try:
+        cancel_upstream.delay(str(job_id))
+    except Exception as exc:  # the job is already cancelled; only the upstream stop is lost
+        log.warning("job %s: could not send upstream cancel (%s)", job_id, exc)
 
 
 @dataclass(frozen=True)
@@ -209,37 +220,84 @@ def _retry_or_fail(claim: Claim, exc: UpstreamError, settings: Settings) -> floa
 
 
 def _finish(claim: Claim, submission: Submission) -> None:
-    settings = get_settings()
+    adapter = get_provider(claim.provider)
+    task_id = submission.state.upstream_task_id
     with session_scope() as session:
         job = lock_job(session, claim.job_id)
         if job is None:
             return
-        result = apply_update(session, job, submission.state)
+        now = utcnow()
+        result = apply_update(session, job, submission.state, now)
         if submission.poll_url:
             job.poll_url = submission.poll_url
         if result.applied and not job.is_terminal:
-            job.next_poll_at = first_poll_at(get_provider(job.provider).supports_webhook, settings)
+            job.next_poll_at = first_poll_at(adapter, get_settings(), now)
+        # Cancelled (or timed out) while the create call was in flight: the
+        # task we just created is unwanted; stop it where the provider can.
+        orphaned = not result.applied and job.is_terminal and task_id and adapter.can_cancel
+    if orphaned:
+        cancel_upstream.delay(str(claim.job_id), provider=claim.provider, upstream_task_id=task_id)
 
 
-def first_poll_at(supports_webhook: bool, settings: Settings) -> datetime:
-    """When a just-submitted job is first polled: webhook providers only as a fallback."""
-    wait = settings.piapi_webhook_grace if supports_webhook else settings.poll_backoff_start
-    return utcnow() + timedelta(seconds=wait)
+@app.task(name="variflow.poll_due")
+def poll_due() -> int:
+    """Beat, every VARIFLOW_POLL_INTERVAL: lease due jobs and hand them to poll tasks."""
+    settings = get_settings()
+    sent = 0
+    # Bounded: one run never loops longer than a few leases' worth of work.
+    for _ in range(MAX_LEASES_PER_RUN):
+        batches = lease_due(settings)
+        for batch in batches:
+            poll_batch.delay(batch.provider, [str(i) for i in batch.job_ids])
+        sent += sum(len(b.job_ids) for b in batches)
+        if not batches:
+            break
+    return sent
 
 
-def queued_jobs_needing_a_message(limit: int, now: datetime, grace: timedelta) -> list[uuid.UUID]:
-    """Queued, unclaimed jobs whose submit message is overdue: the sweep re-sends these."""
+@app.task(name="variflow.poll_batch")
+def poll_batch(provider: str, job_ids: list[str]) -> None:
+    """Poll a leased batch of one provider's jobs; safe to run twice (the lease moved on)."""
+    poll_jobs(provider, [uuid.UUID(i) for i in job_ids], get_settings())
+
+
+@app.task(name="variflow.sweep")
+def sweep_jobs() -> dict[str, int]:
+    """Beat, every VARIFLOW_SWEEP_INTERVAL: re-send lost jobs, release dead claims,
+    fail overdue jobs (and cancel them upstream where the provider can)."""
+    report = sweep(get_settings())
+    for job_id in report.to_submit:
+        send_submit(job_id, "")
+    for job_id in report.timed_out:
+        send_cancel_upstream(job_id)
+    counts = {k: len(v) for k, v in vars(report).items()}
+    if any(counts.values()):
+        log.info("sweep: %s", counts)
+    return counts
+
+
+@app.task(name="variflow.cancel_upstream")
+def cancel_upstream(job_id: str, provider: str = "", upstream_task_id: str | None = None) -> None:
+    """Best effort: ask the provider to stop a task whose job has ended."""
     with session_scope() as session:
-        return list(
-            session.scalars(
-                select(Job.id)
-                .where(
-                    Job.status == JobStatus.QUEUED.value,
-                    or_(Job.claimed_until.is_(None), Job.claimed_until < now),
-                    or_(Job.retry_at.is_(None), Job.retry_at < now - grace),
-                    Job.updated_at < now - grace,
-                )
-                .order_by(Job.created_at)
-                .limit(limit)
-            )
+        job = session.get(Job, uuid.UUID(job_id))
+        if job is None:
+            return
+        provider = job.provider
+        task_id = upstream_task_id or job.upstream_task_id
+        adapter = get_provider(provider)
+        if not task_id or not adapter.can_cancel:
+            return
+        target = PollTarget(job.id, task_id, job.poll_url)
+    try:
+        cancelled = adapter.cancel(target)
+    except UpstreamError as exc:
+        cancelled, note = False, exc.message
+    else:
+        note = (
+            "cancelled upstream" if cancelled else "provider could not cancel (no longer pending)"
         )
+    with session_scope() as session:
+        job = lock_job(session, uuid.UUID(job_id))
+        if job is not None:
+            record_event(session, job, Source.CANCEL, f"upstream task {task_id}: {note}")

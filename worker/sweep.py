@@ -1,0 +1,105 @@
+"""The sweep: the safety net that makes "no job lost, none stuck forever" true.
+
+Run by beat every ``VARIFLOW_SWEEP_INTERVAL``. Each action is recorded as a
+job event, and each is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+
+from worker.config import Settings
+from worker.db import is_postgres, session_scope
+from worker.jobs import apply_update, record_event
+from worker.models import Job, utcnow
+from worker.states import TERMINAL_STATUSES, JobStatus, Source, UpstreamState
+
+log = logging.getLogger(__name__)
+
+SWEEP_LIMIT = 500
+TIMEOUT = "timeout"
+
+
+@dataclass
+class SweepReport:
+    resent: list[uuid.UUID] = field(default_factory=list)
+    released: list[uuid.UUID] = field(default_factory=list)
+    timed_out: list[uuid.UUID] = field(default_factory=list)
+    rescheduled: list[uuid.UUID] = field(default_factory=list)
+
+    @property
+    def to_submit(self) -> list[uuid.UUID]:
+        return self.resent + self.released
+
+
+def sweep(settings: Settings) -> SweepReport:
+    """Decide what to repair and write it; the caller sends messages afterwards."""
+    report = SweepReport()
+    now = utcnow()
+    grace = timedelta(seconds=settings.lost_message_grace)
+    with session_scope() as session:
+        skip_locked = is_postgres(session)
+
+        # Past the deadline: fail, whatever the provider is doing.
+        overdue = select(Job).where(
+            Job.status.not_in([s.value for s in TERMINAL_STATUSES]), Job.deadline < now
+        )
+        for job in session.scalars(
+            overdue.limit(SWEEP_LIMIT).with_for_update(skip_locked=skip_locked)
+        ):
+            apply_update(
+                session,
+                job,
+                UpstreamState(
+                    JobStatus.FAILED,
+                    Source.SWEEP,
+                    error_code=TIMEOUT,
+                    error_message=f"not finished by its deadline ({job.deadline:%Y-%m-%d %H:%M:%S}Z)",
+                ),
+                now,
+            )
+            report.timed_out.append(job.id)
+
+        # A worker died holding a submit claim: release it so the job is retried.
+        expired = select(Job).where(Job.status == JobStatus.QUEUED.value, Job.claimed_until < now)
+        for job in session.scalars(
+            expired.limit(SWEEP_LIMIT).with_for_update(skip_locked=skip_locked)
+        ):
+            job.claim_token = None
+            job.claimed_until = None
+            record_event(session, job, Source.SWEEP, "submit claim expired; released for retry")
+            report.released.append(job.id)
+
+        # Queued, unclaimed and not touched for a while: its message was lost.
+        lost = select(Job).where(
+            Job.status == JobStatus.QUEUED.value,
+            Job.claimed_until.is_(None),
+            or_(Job.retry_at.is_(None), Job.retry_at < now - grace),
+            Job.updated_at < now - grace,
+        )
+        for job in session.scalars(
+            lost.limit(SWEEP_LIMIT).with_for_update(skip_locked=skip_locked)
+        ):
+            if job.id in report.released:
+                continue
+            job.updated_at = now  # the next sweep waits another grace period
+            record_event(session, job, Source.SWEEP, "submit message overdue; sent again")
+            report.resent.append(job.id)
+
+        # In flight upstream but never scheduled for a poll: schedule it now.
+        unscheduled = select(Job).where(
+            Job.status.in_([JobStatus.SUBMITTED.value, JobStatus.PROCESSING.value]),
+            Job.next_poll_at.is_(None),
+        )
+        for job in session.scalars(
+            unscheduled.limit(SWEEP_LIMIT).with_for_update(skip_locked=skip_locked)
+        ):
+            job.next_poll_at = now
+            record_event(session, job, Source.SWEEP, "no poll was scheduled; polling now")
+            report.rescheduled.append(job.id)
+    return report
