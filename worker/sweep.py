@@ -59,7 +59,7 @@ def sweep(settings: Settings) -> SweepReport:
                     JobStatus.FAILED,
                     Source.SWEEP,
                     error_code=TIMEOUT,
-                    error_message=f"not finished by its deadline ({job.deadline:%Y-%m-%d %H:%M:%S}Z)",
+                    error_message=f"not finished by its deadline {job.deadline.isoformat()}",
                 ),
                 now,
             )
