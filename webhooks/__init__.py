@@ -21,7 +21,9 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
 
     from webhooks.health import bp as health_bp
     from webhooks.receiver import bp as receiver_bp
+    from webhooks.results import bp as results_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(receiver_bp)
+    app.register_blueprint(results_bp)
     return app

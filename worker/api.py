@@ -15,8 +15,9 @@ from sqlalchemy.orm import Session
 
 from worker.config import get_settings
 from worker.db import session_scope
+from worker.images import ImageInput, resolve_image
 from worker.jobs import apply_update, lock_job
-from worker.models import Job, JobEvent, utcnow
+from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.providers import get_provider
 from worker.states import EventKind, JobStatus, Source, UpstreamState
 
@@ -93,17 +94,27 @@ class JobInfo:
 def submit_variation(
     provider: str,
     *,
+    image: ImageInput | None = None,
     idempotency_key: str | None = None,
     deadline: datetime | timedelta | float | None = None,
     **params: Any,
 ) -> JobInfo:
     """Validate, store a queued job, and (after commit) send it to a worker.
 
-    Raises ValueError naming the wrong field; nothing is stored then. The same
+    ``image`` is an http(s) URL, a local file path or bytes; bytes (and files)
+    are stored with the job, never put in a broker message. Raises ValueError
+    naming the wrong field; nothing is stored then. The same
     ``idempotency_key`` returns the job it first created.
     """
     adapter = get_provider(provider)
-    clean = adapter.validate(params)
+    stored_image = None
+    if image is not None:
+        if "image_url" in params:
+            raise ValueError("image: give either image or image_url, not both")
+        url, stored_image = resolve_image(image, get_settings().max_image_bytes)
+        if url:
+            params["image_url"] = url
+    clean = adapter.validate(params, stored_image)
     if idempotency_key is not None and (
         not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
     ):
@@ -128,6 +139,15 @@ def submit_variation(
     try:
         with session_scope() as session:
             session.add(job)
+            if stored_image is not None:
+                session.add(
+                    JobInput(
+                        job_id=job.id,
+                        content=stored_image.content,
+                        filename=stored_image.filename,
+                        content_type=stored_image.content_type,
+                    )
+                )
             session.add(
                 JobEvent(
                     job_id=job.id,

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=30.0, gt=0)
     lost_message_grace: float = Field(default=60.0, ge=0)
 
+    # Results: images a provider returned inline are kept here and served by
+    # the web app; "off" or "" disables archiving provider URLs (issue: results).
+    result_store: str = ""
+
     # Input images.
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     allow_private_urls: bool = False
@@ -130,6 +134,12 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return self.home.resolve() / "broker"
+
+    @property
+    def results_folder(self) -> Path:
+        if self.result_store and self.result_store.lower() != "off":
+            return Path(self.result_store).resolve()
+        return self.home.resolve() / "results"
 
     @property
     def public_base(self) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy import or_, update
 from worker.celery_app import app
 from worker.config import Settings, get_settings
 from worker.db import session_scope
+from worker.images import InputImageError, fetch_image
 from worker.jobs import apply_update, lock_job, record_event
 from worker.models import Job, JobInput, utcnow
 from worker.polling import first_poll_at, lease_due, poll_jobs
@@ -28,11 +29,14 @@ from worker.providers.base import (
     InputImage,
     PermanentUpstreamError,
     PollTarget,
+    Provider,
     Submission,
     SubmitRequest,
     TransientUpstreamError,
     UpstreamError,
 )
+from worker.providers.http import get_client
+from worker.results import store_inline_images
 from worker.states import JobStatus, Source, UpstreamState
 from worker.sweep import sweep
 
@@ -165,7 +169,14 @@ def submit_job(self: Any, job_id: str, provider: str = "") -> None:
         image=claim.image,
     )
     try:
+        if adapter.needs_image_bytes and request.image is None:
+            request = replace(request, image=_fetch_input(adapter, claim, settings))
         submission = adapter.submit(request)
+        if submission.images:
+            urls = store_inline_images(settings, claim.job_id, submission.images)
+            submission = replace(
+                submission, state=replace(submission.state, image_urls=urls), images=()
+            )
     except PermanentUpstreamError as exc:
         _finish(claim, _failure(exc.code, exc.message))
         return
@@ -179,6 +190,17 @@ def submit_job(self: Any, job_id: str, provider: str = "") -> None:
         return
     if delay is not None:
         raise self.retry(countdown=delay)
+
+
+def _fetch_input(adapter: Provider, claim: Claim, settings: Settings) -> InputImage:
+    """Download the job's image URL for a provider that needs the file, and check it."""
+    image = fetch_image(claim.params["image_url"], settings, get_client())
+    others = {k: v for k, v in claim.params.items() if k != "image_url"}
+    try:
+        adapter.validate(others, image)
+    except ValueError as exc:
+        raise InputImageError(f"the image at the URL is not usable: {exc}") from None
+    return image
 
 
 def _failure(code: str, message: str) -> Submission:

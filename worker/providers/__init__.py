@@ -8,15 +8,26 @@ import os
 from worker.config import KNOWN_PROVIDERS, Settings, get_settings
 from worker.providers.base import Provider
 from worker.providers.http import get_client
+from worker.providers.lemondata import LemonDataProvider
 from worker.providers.piapi import PiAPIProvider
-
-_ADAPTERS: dict[str, type] = {"piapi": PiAPIProvider}
+from worker.providers.piclaza import PiclazaProvider
 
 
 def build_provider(name: str, settings: Settings) -> Provider:
-    adapter = _ADAPTERS[name]
-    provider: Provider = adapter(get_client(), settings.base_url(name), settings.api_key(name))
-    return provider
+    client, base, key = get_client(), settings.base_url(name), settings.api_key(name)
+    if name == "piapi":
+        return PiAPIProvider(client, base, key)
+    if name == "piclaza":
+        return PiclazaProvider(client, base, key, batch_poll_size=settings.piclaza_batch_size)
+    if name == "lemondata":
+        return LemonDataProvider(
+            client,
+            base,
+            key,
+            max_image_bytes=settings.max_image_bytes,
+            create_timeout=settings.lemondata_create_timeout,
+        )
+    raise ValueError(f"provider: unknown provider {name!r}")
 
 
 @functools.cache
@@ -26,7 +37,7 @@ def _provider_for(name: str, pid: int) -> Provider:
 
 def check_provider_name(name: object) -> str:
     enabled = get_settings().providers
-    if not isinstance(name, str) or name not in KNOWN_PROVIDERS or name not in _ADAPTERS:
+    if not isinstance(name, str) or name not in KNOWN_PROVIDERS:
         raise ValueError(f"provider: unknown provider {name!r} (known: {', '.join(enabled)})")
     if name not in enabled:
         raise ValueError(f"provider: {name!r} is not enabled (VARIFLOW_PROVIDERS)")

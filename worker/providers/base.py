@@ -66,10 +66,15 @@ class SubmitRequest:
 
 @dataclass(frozen=True)
 class Submission:
-    """What the create call answered: a task to follow, or (sync providers) the end state."""
+    """What the create call answered: a task to follow, or (sync providers) the end state.
+
+    ``images`` carries result images a provider returned inline (base64), which
+    variflow stores and serves itself.
+    """
 
     state: UpstreamState
     poll_url: str | None = None
+    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,11 +90,16 @@ class Provider(Protocol):
     # The header a webhook carries its shared secret in (webhook providers only).
     webhook_secret_header: ClassVar[str | None]
     can_cancel: ClassVar[bool]
+    # The provider takes an image file: a URL input must be fetched by the worker.
+    needs_image_bytes: ClassVar[bool]
     # Jobs one poll request can carry (1 = one request per job).
     batch_poll_size: int
 
-    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Normalised params, or ValueError naming the wrong field. No I/O."""
+    def validate(self, params: Mapping[str, Any], image: InputImage | None) -> dict[str, Any]:
+        """Normalised params, or ValueError naming the wrong field. No I/O.
+
+        An input image arrives either as ``params["image_url"]`` or as ``image``.
+        """
         ...
 
     def submit(self, request: SubmitRequest) -> Submission: ...
@@ -159,6 +169,24 @@ def require_str(params: Mapping[str, Any], name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name}: required, a non-empty string")
     return value.strip()
+
+
+def reject_image(params: Mapping[str, Any], image: InputImage | None, provider: str) -> None:
+    if image is not None or "image_url" in params:
+        raise ValueError(f"image: {provider} does not take an input image")
+
+
+def error_message(body: Any) -> str | None:
+    """The human message of an error body: ``message`` or OpenAI-style ``error.message``."""
+    if not isinstance(body, Mapping):
+        return None
+    error = body.get("error")
+    if isinstance(error, Mapping) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    message = body.get("message")
+    return str(message) if message else None
 
 
 def reject_unknown(params: Mapping[str, Any], allowed: set[str], provider: str) -> None:

@@ -9,12 +9,14 @@ from typing import Any, ClassVar
 import httpx
 
 from worker.providers.base import (
+    InputImage,
     PermanentUpstreamError,
     PollTarget,
     ProviderNotConfigured,
     Submission,
     SubmitRequest,
     json_body,
+    reject_image,
     reject_unknown,
     require_str,
     send,
@@ -39,6 +41,7 @@ class PiAPIProvider:
     supports_webhook: ClassVar[bool] = True
     webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"  # noqa: S105
     can_cancel: ClassVar[bool] = True
+    needs_image_bytes: ClassVar[bool] = False
 
     def __init__(self, client: httpx.Client, base_url: str, api_key: str | None) -> None:
         self._client = client
@@ -46,7 +49,10 @@ class PiAPIProvider:
         self._api_key = api_key
         self.batch_poll_size = 1
 
-    def validate(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    def validate(
+        self, params: Mapping[str, Any], image: InputImage | None = None
+    ) -> dict[str, Any]:
+        reject_image(params, image, self.name)
         reject_unknown(params, _PARAMS, self.name)
         index = params.get("index")
         if isinstance(index, int) and not isinstance(index, bool):

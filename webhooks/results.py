@@ -1,0 +1,22 @@
+"""Result images variflow stores itself (inline provider results, archived copies)."""
+
+from __future__ import annotations
+
+import uuid
+
+from flask import Blueprint, abort, send_from_directory
+from flask.typing import ResponseReturnValue
+
+from worker.config import get_settings
+
+bp = Blueprint("results", __name__, url_prefix="/results")
+
+
+@bp.get("/<job_id>/<name>")
+def result_image(job_id: str, name: str) -> ResponseReturnValue:
+    try:
+        folder = get_settings().results_folder / str(uuid.UUID(job_id))
+    except ValueError:
+        abort(404)
+    # send_from_directory refuses names that escape the folder.
+    return send_from_directory(folder, name, mimetype="image/png", max_age=3600)

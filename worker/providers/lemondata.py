@@ -1,0 +1,224 @@
+"""LemonData's OpenAI-compatible image variations (providers.md §3): sync or poll."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from worker.providers.base import (
+    InputImage,
+    PermanentUpstreamError,
+    PollTarget,
+    ProviderNotConfigured,
+    Submission,
+    SubmitRequest,
+    error_message,
+    json_body,
+    reject_unknown,
+    send,
+)
+from worker.states import JobStatus, Source, UpstreamState
+
+SIZES = ("256x256", "512x512", "1024x1024")
+FORMATS = ("url", "b64_json")
+_PARAMS = {"image_url", "n", "size", "response_format", "user", "model"}
+_STATUS = {
+    "pending": JobStatus.SUBMITTED,
+    "queued": JobStatus.SUBMITTED,
+    "processing": JobStatus.PROCESSING,
+    "completed": JobStatus.COMPLETED,
+    "succeeded": JobStatus.COMPLETED,
+    "failed": JobStatus.FAILED,
+}
+
+
+class LemonDataProvider:
+    name: ClassVar[str] = "lemondata"
+    supports_webhook: ClassVar[bool] = False
+    webhook_secret_header: ClassVar[str | None] = None
+    can_cancel: ClassVar[bool] = False
+    needs_image_bytes: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        client: httpx.Client,
+        base_url: str,
+        api_key: str | None,
+        *,
+        max_image_bytes: int = 4 * 1024 * 1024,
+        create_timeout: float = 150.0,
+    ) -> None:
+        self._client = client
+        self._base = base_url.rstrip("/")
+        self._api_key = api_key
+        self._max_image_bytes = max_image_bytes
+        self._create_timeout = create_timeout
+        self.batch_poll_size = 1
+
+    def validate(
+        self, params: Mapping[str, Any], image: InputImage | None = None
+    ) -> dict[str, Any]:
+        reject_unknown(params, _PARAMS, self.name)
+        if ("image_url" in params) == (image is not None):
+            raise ValueError("image: exactly one image is required (a URL, a path or bytes)")
+        if image is not None:
+            self.check_image(image)
+        clean: dict[str, Any] = {k: params[k] for k in ("image_url", "user") if k in params}
+        n = params.get("n", 1)
+        if isinstance(n, str) and n.isdigit():
+            n = int(n)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+            raise ValueError(f"n: an integer from 1 to 10, got {n!r}")
+        clean["n"] = n
+        clean["size"] = params.get("size", "1024x1024")
+        if clean["size"] not in SIZES:
+            raise ValueError(f"size: one of {', '.join(SIZES)}, got {clean['size']!r}")
+        clean["response_format"] = params.get("response_format", "url")
+        if clean["response_format"] not in FORMATS:
+            raise ValueError(f"response_format: one of {', '.join(FORMATS)}")
+        if params.get("model", "dall-e-2") != "dall-e-2":
+            raise ValueError("model: only dall-e-2 makes variations")
+        if "user" in clean and not isinstance(clean["user"], str):
+            raise ValueError("user: must be a string")
+        return clean
+
+    def check_image(self, image: InputImage) -> None:
+        """The file rules of providers.md §3: a valid, square PNG within the size limit."""
+        if len(image.content) > self._max_image_bytes:
+            raise ValueError(
+                f"image: {len(image.content)} bytes is over the limit of {self._max_image_bytes}"
+            )
+        try:
+            with Image.open(io.BytesIO(image.content)) as decoded:
+                image_format, (width, height) = decoded.format, decoded.size
+                decoded.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError("image: not a readable image file") from exc
+        if image_format != "PNG":
+            raise ValueError(f"image: must be a PNG, got {image_format}")
+        if width != height:
+            raise ValueError(f"image: must be square, got {width}x{height}")
+
+    def submit(self, request: SubmitRequest) -> Submission:
+        if request.image is None:
+            raise PermanentUpstreamError("lemondata: no image to send", code="invalid_input")
+        params = request.params
+        form = {
+            "model": "dall-e-2",
+            "n": str(params.get("n", 1)),
+            "size": params.get("size", "1024x1024"),
+            "response_format": params.get("response_format", "url"),
+            # The job id doubles as the abuse-monitoring user when none is given.
+            "user": params.get("user") or f"variflow-{request.job_id}",
+        }
+        body = self._call(
+            "POST",
+            "/v1/images/variations",
+            data=form,
+            files={"image": (request.image.filename, request.image.content, "image/png")},
+            timeout=httpx.Timeout(self._create_timeout, connect=10.0),
+        )
+        if body.get("status") == "pending" or body.get("task_id") or body.get("poll_url"):
+            task_id = str(body.get("task_id") or "")
+            if not task_id:
+                raise PermanentUpstreamError("lemondata: asynchronous answer without a task_id")
+            poll_url = str(body.get("poll_url") or f"/v1/tasks/{task_id}")
+            return Submission(
+                state=UpstreamState(
+                    JobStatus.SUBMITTED,
+                    Source.SUBMIT,
+                    upstream_task_id=task_id,
+                    payload={"status": "pending", "task_id": task_id},
+                ),
+                poll_url=poll_url,
+            )
+        urls, images = _results(body)
+        return Submission(
+            state=UpstreamState(
+                JobStatus.COMPLETED,
+                Source.SUBMIT,
+                image_urls=urls,
+                payload={"sync": True, "images": len(urls) + len(images)},
+            ),
+            images=images,
+        )
+
+    def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
+        states = {}
+        for target in targets:
+            path = target.poll_url or f"/v1/tasks/{target.upstream_task_id}"
+            try:
+                body = self._call("GET", path)
+            except PermanentUpstreamError as exc:
+                if exc.code != "async_task_not_found":
+                    raise
+                states[target.upstream_task_id] = UpstreamState(
+                    JobStatus.FAILED,
+                    Source.POLL,
+                    error_code="async_task_not_found",
+                    error_message=exc.message,
+                    upstream_task_id=target.upstream_task_id,
+                )
+                continue
+            raw = str(body.get("status") or "").lower()
+            status = _STATUS.get(raw, JobStatus.SUBMITTED)
+            urls, _ = _results(body) if status is JobStatus.COMPLETED else ((), ())
+            error = body.get("error")
+            states[target.upstream_task_id] = UpstreamState(
+                status,
+                Source.POLL,
+                image_urls=urls,
+                error_message=error_message(body) if error else None,
+                upstream_task_id=target.upstream_task_id,
+                payload={"status": raw, "task_id": target.upstream_task_id},
+            )
+        return states
+
+    def parse_webhook(self, body: Any) -> UpstreamState:
+        raise ValueError("lemondata has no webhooks")
+
+    def cancel(self, target: PollTarget) -> bool:
+        return False
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Mapping[str, Any]:
+        if not self._api_key:
+            raise ProviderNotConfigured("lemondata: VARIFLOW_LEMONDATA_API_KEY is not set")
+        response = send(
+            self._client,
+            self.name,
+            method,
+            self._base + path,
+            headers={"Authorization": f"Bearer {self._api_key}"},
+            **kwargs,
+        )
+        body = json_body(response, self.name)
+        if response.status_code != 200 or not isinstance(body, Mapping):
+            error = body.get("error") if isinstance(body, Mapping) else None
+            code = error.get("code") if isinstance(error, Mapping) else None
+            raise PermanentUpstreamError(
+                f"lemondata: {error_message(body) or 'error'} (HTTP {response.status_code})",
+                code=str(code) if code else "upstream_rejected",
+            )
+        return body
+
+
+def _results(body: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[bytes, ...]]:
+    urls: list[str] = []
+    images: list[bytes] = []
+    for item in body.get("data") or []:
+        if not isinstance(item, Mapping):
+            continue
+        if isinstance(item.get("url"), str) and item["url"]:
+            urls.append(item["url"])
+        elif isinstance(item.get("b64_json"), str):
+            try:
+                images.append(base64.b64decode(item["b64_json"], validate=True))
+            except (binascii.Error, ValueError) as exc:
+                raise PermanentUpstreamError("lemondata: a b64_json image does not decode") from exc
+    return tuple(urls), tuple(images)

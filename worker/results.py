@@ -1,0 +1,28 @@
+"""Result images variflow keeps itself, served by the web app under /results/."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from worker.config import Settings
+
+
+def job_folder(settings: Settings, job_id: uuid.UUID) -> Path:
+    return settings.results_folder / str(job_id)
+
+
+def store_inline_images(
+    settings: Settings, job_id: uuid.UUID, images: tuple[bytes, ...]
+) -> tuple[str, ...]:
+    """Write images a provider returned inline; return the URLs they are served at."""
+    folder = job_folder(settings, job_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for n, content in enumerate(images, 1):
+        name = f"{n}.png"
+        tmp = folder / f".{name}.tmp"
+        tmp.write_bytes(content)
+        tmp.replace(folder / name)  # readers never see half a file
+        urls.append(f"{settings.public_base}/results/{job_id}/{name}")
+    return tuple(urls)
