@@ -7,6 +7,7 @@ skipped, unless VARIFLOW_REQUIRE_SERVICES=1 (CI), which makes it a failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from worker.config import Settings, get_settings, reset_settings
+from worker.celery_app import reconfigure as reconfigure_celery
+from worker.config import ConfigError, Settings, get_settings, reset_settings
 from worker.db import reset_engines
 from worker.migrate import upgrade
 from worker.providers import reset_providers
@@ -46,6 +48,8 @@ def reset_process_state() -> None:
     reset_engines()
     reset_client()
     reset_providers()
+    with contextlib.suppress(ConfigError):  # tests of bad settings set them on purpose
+        reconfigure_celery()
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from kombu import pools as kombu_pools
 
 from worker.config import Settings, get_settings
 
@@ -49,6 +50,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
     }
     if settings.uses_filesystem_broker:
+        # Kombu's filesystem transport needs the folder before the first send.
+        settings.broker_folder.mkdir(parents=True, exist_ok=True)
         folder = str(settings.broker_folder)
         conf["broker_transport_options"] = {
             "data_folder_in": folder,
@@ -73,8 +76,12 @@ app.add_defaults(lambda: celery_config(get_settings()))
 app.autodiscover_tasks(["worker"], related_name="tasks", force=False)
 
 
-@app.on_after_configure.connect
-def _prepare_filesystem_broker(sender: Celery, **_: Any) -> None:
-    settings = get_settings()
-    if settings.uses_filesystem_broker:
-        settings.broker_folder.mkdir(parents=True, exist_ok=True)
+def reconfigure() -> None:
+    """Apply the current settings to an app that was already configured (tests, CLI)."""
+    app.conf.update(celery_config(get_settings()))
+    # Drop every cached connection and producer pool: the next send connects
+    # to the (possibly new) broker.
+    kombu_pools.reset()
+    app._pool = None
+    app.amqp._producer_pool = None
+

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import secrets
 import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import or_, update
 
 from worker.celery_app import app
@@ -214,14 +214,11 @@ def _retry_or_fail(claim: Claim, exc: UpstreamError, settings: Settings) -> floa
     if claim.attempt > settings.submit_max_retries:
         _finish(claim, _failure(exc.code, f"gave up after {claim.attempt} attempts: {exc.message}"))
         return None
-    backoff = get_exponential_backoff_interval(
-        factor=settings.submit_retry_base,
-        retries=claim.attempt - 1,
-        maximum=settings.submit_retry_cap,
-        full_jitter=True,
-    )
+    # Exponential backoff with full jitter: concurrent retries spread out.
+    ceiling = min(settings.submit_retry_cap, settings.submit_retry_base * 2 ** (claim.attempt - 1))
+    backoff = random.uniform(0, ceiling)
     retry_after = exc.retry_after if isinstance(exc, TransientUpstreamError) else None
-    delay = max(float(backoff), retry_after or 0.0, 0.5)
+    delay = max(backoff, retry_after or 0.0, 0.1)
     with session_scope() as session:
         job = lock_job(session, claim.job_id)
         if job is None or job.claim_token != claim.token:
