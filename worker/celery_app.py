@@ -56,6 +56,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         conf["broker_transport_options"] = {
             "data_folder_in": folder,
             "data_folder_out": folder,
+            # Kombu's default is ./control, relative to wherever a process runs.
+            "control_folder": str(settings.broker_folder / "control"),
             "store_processed": False,
         }
     else:
@@ -81,7 +83,7 @@ def reconfigure() -> None:
     app.conf.update(celery_config(get_settings()))
     # Drop every cached connection and producer pool: the next send connects
     # to the (possibly new) broker.
-    kombu_pools.reset()
+    kombu_pools.reset()  # type: ignore[no-untyped-call]
     app._pool = None
     app.amqp._producer_pool = None
 
