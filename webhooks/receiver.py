@@ -50,7 +50,8 @@ def _secret_matches(given: str | None, expected_hash: str | None) -> bool:
 
 
 def _parse(provider: Provider) -> UpstreamState | tuple[Response, int]:
-    body: Any = request.get_json(silent=True)
+    # PiAPI's Content-Type is undocumented: parse the body whatever it says.
+    body: Any = request.get_json(force=True, silent=True)
     if body is None:
         return _error(400, "body must be JSON")
     try:
@@ -97,6 +98,8 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
     state = _parse(provider)
     if not isinstance(state, UpstreamState):
         return state
+    if not state.upstream_task_id:
+        return _error(400, "the body names no task id")
     with session_scope() as session:
         job_uuid = session.scalars(
             select(Job.id).where(

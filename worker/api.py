@@ -240,16 +240,23 @@ def _snapshot(session: Session, job: Job) -> JobInfo:
 def _deadline(value: datetime | timedelta | float | None, now: datetime) -> datetime:
     if value is None:
         return now + timedelta(seconds=get_settings().default_deadline)
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ValueError("deadline: must be timezone-aware")
-        due = value
-    elif isinstance(value, timedelta):
-        due = now + value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        due = now + timedelta(seconds=float(value))
-    else:
-        raise ValueError("deadline: a datetime, a timedelta or a number of seconds")
+    try:
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError("deadline: must be timezone-aware")
+            due = value
+        elif isinstance(value, timedelta):
+            due = now + value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            due = now + timedelta(seconds=float(value))
+        else:
+            raise ValueError("deadline: a datetime, a timedelta or a number of seconds")
+    except OverflowError:
+        raise ValueError("deadline: out of range") from None
+    except ValueError as exc:
+        if str(exc).startswith("deadline:"):
+            raise
+        raise ValueError("deadline: out of range") from None
     if due <= now:
         raise ValueError("deadline: must be in the future")
     return due

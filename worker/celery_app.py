@@ -86,4 +86,3 @@ def reconfigure() -> None:
     kombu_pools.reset()  # type: ignore[no-untyped-call]
     app._pool = None
     app.amqp._producer_pool = None
-

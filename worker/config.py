@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     @classmethod
     def _has_scheme(cls, value: str) -> str:
         if value and "://" not in value:
-            raise ValueError(f"{value!r} is not a URL (expected scheme://...)")
+            # The value is not echoed: a mistyped URL may still carry a password.
+            raise ValueError("not a URL (expected scheme://...)")
         return value
 
     @model_validator(mode="after")

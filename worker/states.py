@@ -179,7 +179,12 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
         changes["claim_token"] = None
         changes["claimed_until"] = None
         changes["retry_at"] = None
-    if target.rank >= JobStatus.SUBMITTED.rank and job.submitted_at is None:
+    accepted_upstream = bool(update.upstream_task_id or job.upstream_task_id) or target in (
+        JobStatus.SUBMITTED,
+        JobStatus.PROCESSING,
+        JobStatus.COMPLETED,
+    )
+    if accepted_upstream and job.submitted_at is None:
         changes["submitted_at"] = now
     if progress is not None and progress > job.progress:
         changes["progress"] = progress

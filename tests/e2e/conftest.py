@@ -70,15 +70,23 @@ def running_stack(
     with SandboxServer(config=sandbox_config) as sandbox:
         web_port = free_port()
         web_url = f"http://127.0.0.1:{web_port}"
-        # Short retry backoff so that retried submits finish within a test.
+        # Short backoffs and intervals, so that retries, polls and the sweep
+        # happen within a test.
         configure(
             public_url=web_url,
             submit_retry_base=0.2,
             submit_retry_cap=1.0,
+            poll_interval=0.3,
+            poll_backoff_start=0.3,
+            poll_backoff_cap=2.0,
+            piapi_webhook_grace=2.0,
+            sweep_interval=1.0,
+            lost_message_grace=2.0,
             **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()},
         )
         env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
         with Stack(env, tmp_path / "logs") as stack:
             stack.start_web(web_port, workers=1)
-            stack.start_worker()
+            stack.start_worker(concurrency=4)
+            stack.start_beat()
             yield RunningStack(sandbox, stack, web_url, backend)

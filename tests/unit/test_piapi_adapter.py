@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from worker.providers.base import (
+    InputImage,
     PermanentUpstreamError,
     PollTarget,
     ProviderNotConfigured,
@@ -106,6 +107,7 @@ def test_capabilities() -> None:
     assert provider.supports_webhook is True
     assert provider.webhook_secret_header == "x-webhook-secret"
     assert provider.can_cancel is True
+    assert provider.needs_image_bytes is False
     assert provider.batch_poll_size == 1
 
 
@@ -615,6 +617,14 @@ def test_validate_rejects_trailing_newline_in_aspect_ratio() -> None:
     # passes the format check and is sent to PiAPI as is.
     with pytest.raises(ValueError, match=r"^aspect_ratio:"):
         validate(**VALID, aspect_ratio="16:9\n")
+
+
+def test_validate_rejects_an_input_image() -> None:
+    provider = answer(envelope_data()).provider()
+    with pytest.raises(ValueError, match=r"^image:"):
+        provider.validate({**VALID, "image_url": "https://img.test/in.png"})
+    with pytest.raises(ValueError, match=r"^image:"):
+        provider.validate(VALID, InputImage(b"\x89PNG\r\n\x1a\n", "in.png"))
 
 
 def test_validate_unknown_parameter_is_named_before_anything_else() -> None:

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from webhooks import MAX_BODY_BYTES, create_app
+from worker.config import get_settings
 from worker.db import session_scope
 from worker.models import Job, JobEvent, utcnow
 from worker.tasks import hash_secret
@@ -175,6 +176,14 @@ def test_processing_then_completed(client: FlaskClient) -> None:
         stored = json.dumps(event.payload)
         assert SECRET not in stored
         assert MARKER not in stored
+
+
+def test_non_terminal_webhook_pushes_the_fallback_poll_back(client: FlaskClient) -> None:
+    job_id = insert_job(next_poll_at=utcnow())
+    assert post(client, job_id, body("processing", progress=30)).status_code == 200
+    job = row(job_id)
+    grace = timedelta(seconds=get_settings().piapi_webhook_grace)
+    assert job["next_poll_at"] == job["last_webhook_at"] + grace
 
 
 def test_completed_without_images_fails_the_job(client: FlaskClient) -> None:

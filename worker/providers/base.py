@@ -155,9 +155,12 @@ def send(
 
 
 def json_body(response: httpx.Response, provider: str) -> Any:
+    """The JSON body; None for an error answer without one (the status says enough)."""
     try:
         return response.json()
     except ValueError as exc:
+        if not response.is_success:
+            return None
         # A 2xx with a broken body is most likely a proxy or truncation glitch.
         raise TransientUpstreamError(
             f"{provider}: HTTP {response.status_code} with a body that is not JSON"

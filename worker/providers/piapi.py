@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -25,7 +26,7 @@ from worker.states import JobStatus, Source, UpstreamState
 
 INDEXES = ("1", "2", "3", "4", "high_variation", "low_variation")
 SERVICE_MODES = ("", "public", "private")
-_ASPECT_RATIO = re.compile(r"^\d{1,3}:\d{1,3}$")
+_ASPECT_RATIO = re.compile(r"\d{1,3}:\d{1,3}")
 _STATUS = {
     "pending": JobStatus.SUBMITTED,
     "staged": JobStatus.SUBMITTED,
@@ -66,7 +67,7 @@ class PiAPIProvider:
         }
         if "aspect_ratio" in params:
             ratio = params["aspect_ratio"]
-            if not isinstance(ratio, str) or not _ASPECT_RATIO.match(ratio):
+            if not isinstance(ratio, str) or not _ASPECT_RATIO.fullmatch(ratio):
                 raise ValueError(f"aspect_ratio: must look like '16:9', got {ratio!r}")
             clean["aspect_ratio"] = ratio
         if "skip_prompt_check" in params:
@@ -110,8 +111,11 @@ class PiAPIProvider:
         if not isinstance(body, Mapping) or "timestamp" not in body or "data" not in body:
             raise ValueError("body must be a JSON object with 'timestamp' and 'data'")
         data = body["data"]
-        if not isinstance(data, Mapping) or not isinstance(data.get("task_id"), str):
-            raise ValueError("data.task_id: required, a string")
+        if not isinstance(data, Mapping):
+            raise ValueError("data.task_id: required (data must be an object)")
+        task_id = data.get("task_id")
+        if not isinstance(task_id, str) or not task_id.strip():
+            raise ValueError("data.task_id: required, a non-empty string")
         return self.state_from_data(data, Source.WEBHOOK)
 
     def cancel(self, target: PollTarget) -> bool:
@@ -134,7 +138,11 @@ class PiAPIProvider:
         return UpstreamState(
             status=status,
             source=source,
-            progress=int(progress) if isinstance(progress, int | float) else None,
+            progress=(
+                int(progress)
+                if isinstance(progress, int | float) and math.isfinite(progress)
+                else None
+            ),
             image_urls=_image_urls(output),
             error_code="upstream_failed" if status is JobStatus.FAILED else None,
             error_message=error_message,

@@ -1,0 +1,133 @@
+"""Piclaza and LemonData end to end (polling), PiAPI's polling fallback, cancel."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.e2e.conftest import RunningStack
+from worker.api import cancel_job, get_job, submit_variation
+
+pytestmark = pytest.mark.e2e
+
+
+def square_png(size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 120, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def input_image_url(stack: RunningStack) -> str:
+    """A real PNG the sandbox serves: an input reachable over HTTP."""
+    return f"{stack.sandbox.url}/files/input-0-1.png"
+
+
+def _transitions(job_id: object) -> list[tuple[str, str]]:
+    return [
+        (e.source, str(e.to_status))
+        for e in get_job(job_id).events  # type: ignore[arg-type]
+        if e.kind == "transition"
+    ]
+
+
+def _assert_images(urls: list[str]) -> None:
+    assert urls
+    for url in urls:
+        response = httpx.get(url, timeout=10)
+        assert response.status_code == 200, url
+        assert response.content.startswith(b"\x89PNG")
+
+
+def test_piclaza_job_completes_by_polling(running_stack: RunningStack) -> None:
+    job = submit_variation("piclaza", image=square_png())
+
+    done = running_stack.wait_terminal(job.id)
+
+    assert done.status == "completed", done.error_message
+    _assert_images(done.result_urls)
+    assert ("poll", "completed") in _transitions(job.id)
+    task = running_stack.sandbox.state.task_by_correlation(str(job.id))
+    assert task is not None and task.task_id == done.upstream_task_id
+    assert running_stack.sandbox.state.stats()["duplicate_creates"] == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_lemondata_job_completes(running_stack: RunningStack, mode: str) -> None:
+    running_stack.sandbox.state.update_config(lemondata_mode=mode)
+    job = submit_variation(
+        "lemondata", image=input_image_url(running_stack), n=2, size="256x256"
+    )
+
+    done = running_stack.wait_terminal(job.id)
+
+    assert done.status == "completed", done.error_message
+    assert len(done.result_urls) == 2
+    _assert_images(done.result_urls)
+    expected_source = "submit" if mode == "sync" else "poll"
+    assert (expected_source, "completed") in _transitions(job.id)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_lemondata_b64_results_are_stored_and_served(running_stack: RunningStack) -> None:
+    job = submit_variation("lemondata", image=square_png(), response_format="b64_json")
+
+    done = running_stack.wait_terminal(job.id)
+
+    assert done.status == "completed", done.error_message
+    assert all(url.startswith(running_stack.web_url + "/results/") for url in done.result_urls)
+    _assert_images(done.result_urls)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_piapi_job_completes_by_polling_when_every_webhook_is_lost(
+    running_stack: RunningStack,
+) -> None:
+    running_stack.sandbox.state.update_config(webhook_drop_rate=1.0)
+    job = submit_variation("piapi", origin_task_id="imagine-7", index="1", prompt="a teal cat")
+
+    done = running_stack.wait_terminal(job.id)
+
+    assert done.status == "completed", done.error_message
+    assert ("poll", "completed") in _transitions(job.id)
+    assert all(source != "webhook" for source, _ in _transitions(job.id))
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_a_private_image_url_fails_the_job_unless_allowed(
+    running_stack: RunningStack,
+) -> None:
+    # The worker was started with private URLs allowed (the sandbox is local);
+    # a URL that is not an image at all must still fail clearly.
+    job = submit_variation("lemondata", image=f"{running_stack.sandbox.url}/_sandbox/config")
+
+    done = running_stack.wait_terminal(job.id)
+
+    assert done.status == "failed"
+    assert done.error_code == "invalid_input"
+    assert "not usable" in (done.error_message or "")
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_cancel_a_pending_piapi_job_cancels_it_upstream(running_stack: RunningStack) -> None:
+    running_stack.sandbox.state.update_config(pending_seconds=30.0)
+    job = submit_variation("piapi", origin_task_id="imagine-8", index="2", prompt="a pink yak")
+    running_stack.wait_for(lambda: get_job(job.id).status == "submitted", what="submitted")
+
+    cancelled = cancel_job(job.id)
+
+    assert cancelled.status == "cancelled"
+    upstream = running_stack.wait_for(
+        lambda: next(
+            (t for t in running_stack.sandbox.state.tasks() if t.cancelled), None
+        ),
+        what="the upstream task to be cancelled",
+    )
+    assert upstream.task_id == cancelled.upstream_task_id
+    running_stack.wait_for(
+        lambda: any("cancelled upstream" in (e.message or "") for e in get_job(job.id).events),
+        what="the upstream cancel to be recorded",
+    )
+    assert get_job(job.id).status == "cancelled"
