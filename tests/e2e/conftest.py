@@ -3,7 +3,10 @@ app under gunicorn and a Celery worker as real subprocesses, over real HTTP."""
 
 from __future__ import annotations
 
+import http.server
+import io
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
@@ -90,3 +94,29 @@ def running_stack(
             stack.start_worker(concurrency=4)
             stack.start_beat()
             yield RunningStack(sandbox, stack, web_url, backend)
+
+
+@pytest.fixture
+def image_url() -> Iterator[str]:
+    """A square PNG served over HTTP on loopback: an input image given by URL."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 160, 90)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/input.png"
+    server.shutdown()
+    server.server_close()
