@@ -116,12 +116,19 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], settings: Settin
             states = adapter.poll(chunk)
         except TransientUpstreamError as exc:
             if exc.retry_after is not None:
+                # "Slow down": this task's remaining jobs (still leased) and
+                # every other job of the provider wait out Retry-After.
                 push_back_provider(provider_name, exc.retry_after)
-                return  # the rest of this task's jobs are pushed back too
-            _reschedule_after_error(chunk, exc, settings)
+                _reschedule(targets[start:], exc, settings, delay=exc.retry_after)
+                return
+            _reschedule(chunk, exc, settings)
             continue
         except UpstreamError as exc:
-            _reschedule_after_error(chunk, exc, settings)
+            _reschedule(chunk, exc, settings)
+            continue
+        except Exception as exc:
+            log.exception("poll of %d %s job(s) failed unexpectedly", len(chunk), provider_name)
+            _reschedule(chunk, UpstreamError(f"internal error: {exc!r}"), settings)
             continue
         _apply_answers(chunk, states, settings)
 
@@ -150,18 +157,25 @@ def _apply_answers(
             job.next_poll_at = now + timedelta(seconds=poll_delay(job.poll_attempts, settings))
 
 
-def _reschedule_after_error(
-    chunk: Sequence[PollTarget], exc: UpstreamError, settings: Settings
+def _reschedule(
+    targets: Sequence[PollTarget],
+    exc: UpstreamError,
+    settings: Settings,
+    delay: float | None = None,
 ) -> None:
-    log.warning("poll of %d job(s) failed: %s", len(chunk), exc.message)
+    """A poll did not answer: try these jobs again later (they are leased until then)."""
+    log.warning("poll of %d job(s) failed: %s", len(targets), exc.message)
     now = utcnow()
     with session_scope() as session:
         for job in session.scalars(
-            select(Job).where(Job.id.in_([t.job_id for t in chunk])).with_for_update()
+            select(Job)
+            .where(Job.id.in_([t.job_id for t in targets]), Job.status.in_(ACTIVE))
+            .order_by(Job.id)
+            .with_for_update()
         ):
             job.poll_attempts += 1
-            delay = poll_delay(job.poll_attempts, settings)
-            job.next_poll_at = now + timedelta(seconds=delay)
+            wait = delay if delay is not None else poll_delay(job.poll_attempts, settings)
+            job.next_poll_at = now + timedelta(seconds=wait)
             if job.poll_attempts % 5 == 1:  # enough to explain a delay, not one row per poll
                 record_event(session, job, Source.POLL, f"poll failed: {exc.message}")
 
