@@ -70,6 +70,37 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
     )
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--port", default=5555, show_default=True, type=int)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(port: int, flower_args: tuple[str, ...]) -> None:
+    """Run Flower with basic auth from VARIFLOW_FLOWER_BASIC_AUTH ("user:password").
+
+    Flower can revoke tasks and shows task arguments, so it is never started
+    open. Its Prometheus metrics are at /metrics on the same port.
+    """
+    auth = get_settings().flower_basic_auth
+    if auth is None or ":" not in auth.get_secret_value():
+        raise click.UsageError(
+            "VARIFLOW_FLOWER_BASIC_AUTH must be set to user:password; Flower is never run open"
+        )
+    # Through the environment, not argv: argv is visible to every local user.
+    os.environ["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "flower",
+            f"--port={port}",
+            *flower_args,
+        ],
+    )
+
+
 @cli.group()
 def db() -> None:
     """Database schema."""

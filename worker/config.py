@@ -78,13 +78,28 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(default=30.0, gt=0)
     lost_message_grace: float = Field(default=60.0, ge=0)
 
-    # Results: images a provider returned inline are kept here and served by
-    # the web app; "off" or "" disables archiving provider URLs (issue: results).
-    result_store: str = ""
+    # Results: provider URLs expire, so result images are archived here and
+    # served by the web app under /results/ (inline base64 results always are).
+    result_store: str = ""  # default: $VARIFLOW_HOME/results; "off" disables archiving
 
     # Input images.
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     allow_private_urls: bool = False
+
+    # Telling the application: a Celery task sent with the job id, and/or a
+    # signed POST (Standard Webhooks) to the job's notify_url.
+    on_complete_task: str | None = None
+    notify_secret: SecretStr | None = None
+    notify_retry_for: float = Field(default=3600.0, gt=0)
+    notify_timeout: float = Field(default=10.0, gt=0)
+    archive_max_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    archive_timeout: float = Field(default=60.0, gt=0)
+
+    # Operators: the dashboard and Flower are never open without credentials.
+    dashboard_user: str | None = None
+    dashboard_password: SecretStr | None = None
+    flower_basic_auth: SecretStr | None = None
+    metrics_dir: Path | None = None
 
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -137,8 +152,12 @@ class Settings(BaseSettings):
         return self.home.resolve() / "broker"
 
     @property
+    def archive_results(self) -> bool:
+        return self.result_store.lower() != "off"
+
+    @property
     def results_folder(self) -> Path:
-        if self.result_store and self.result_store.lower() != "off":
+        if self.result_store and self.archive_results:
             return Path(self.result_store).resolve()
         return self.home.resolve() / "results"
 

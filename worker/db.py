@@ -62,7 +62,11 @@ def get_engine() -> Engine:
 
 @functools.cache
 def _sessionmaker_for(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(bind=engine, expire_on_commit=False)
+    from worker import hooks
+
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    hooks.install(factory)
+    return factory
 
 
 def new_session() -> Session:

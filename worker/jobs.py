@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from worker.hooks import TerminalJob, note_terminal
 from worker.models import Job, JobEvent, utcnow
 from worker.states import EventKind, JobStatus, Source, Transition, UpstreamState, transition
 
@@ -43,6 +44,14 @@ def apply_update(
     result = transition(job, update, now)
     for column, value in result.changes.items():
         setattr(job, column, value)
+    if result.became_terminal:
+        assert job.completed_at is not None
+        note_terminal(
+            session,
+            TerminalJob(
+                job.id, job.provider, job.status, job.created_at, job.submitted_at, job.completed_at
+            ),
+        )
     if result.event is not None and (record_duplicates or not result.event.duplicate):
         event = result.event
         session.add(

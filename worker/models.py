@@ -109,6 +109,12 @@ class Job(Base):
     last_webhook_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
 
+    # After the end: archived copies of the results and telling the application.
+    archived_urls: Mapped[list[str] | None] = mapped_column(JSONType)
+    notify_url: Mapped[str | None] = mapped_column(String(2048))
+    on_complete_task: Mapped[str | None] = mapped_column(String(255))
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
