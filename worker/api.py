@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,6 +53,7 @@ class JobInfo:
     idempotency_key: str | None
     upstream_task_id: str | None
     result_urls: list[str]
+    archived_urls: list[str]
     progress: int
     error_code: str | None
     error_message: str | None
@@ -76,6 +78,7 @@ class JobInfo:
             idempotency_key=job.idempotency_key,
             upstream_task_id=job.upstream_task_id,
             result_urls=list(job.result_urls or []),
+            archived_urls=list(job.archived_urls or []),
             progress=job.progress,
             error_code=job.error_code,
             error_message=job.error_message,
@@ -97,6 +100,8 @@ def submit_variation(
     image: ImageInput | None = None,
     idempotency_key: str | None = None,
     deadline: datetime | timedelta | float | None = None,
+    notify_url: str | None = None,
+    on_complete_task: str | None = None,
     **params: Any,
 ) -> JobInfo:
     """Validate, store a queued job, and (after commit) send it to a worker.
@@ -105,6 +110,10 @@ def submit_variation(
     are stored with the job, never put in a broker message. Raises ValueError
     naming the wrong field; nothing is stored then. The same
     ``idempotency_key`` returns the job it first created.
+
+    When the job ends, variflow sends ``on_complete_task`` (a Celery task name;
+    default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
+    state to ``notify_url`` signed per Standard Webhooks.
     """
     adapter = get_provider(provider)
     stored_image = None
@@ -121,6 +130,14 @@ def submit_variation(
         raise ValueError(f"idempotency_key: a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
     now = utcnow()
     due = _deadline(deadline, now)
+    if notify_url is not None:
+        parts = urlsplit(notify_url) if isinstance(notify_url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("notify_url: an http(s) URL")
+    if on_complete_task is not None and (
+        not isinstance(on_complete_task, str) or not on_complete_task.strip()
+    ):
+        raise ValueError("on_complete_task: a Celery task name")
 
     if idempotency_key is not None:
         existing = _by_idempotency_key(idempotency_key, provider, clean)
@@ -133,6 +150,8 @@ def submit_variation(
         params=clean,
         idempotency_key=idempotency_key,
         deadline=due,
+        notify_url=notify_url,
+        on_complete_task=on_complete_task,
         created_at=now,
         updated_at=now,
     )

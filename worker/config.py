@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     # Telling the application: a Celery task sent with the job id, and/or a
     # signed POST (Standard Webhooks) to the job's notify_url.
     on_complete_task: str | None = None
+    on_complete_queue: str = "celery"  # Celery's default queue: where an app's worker listens
     notify_secret: SecretStr | None = None
     notify_retry_for: float = Field(default=3600.0, gt=0)
     notify_timeout: float = Field(default=10.0, gt=0)

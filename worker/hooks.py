@@ -7,6 +7,7 @@ anyone), each is handed to the callbacks registered here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable
@@ -46,12 +47,22 @@ def note_terminal(session: Session, job: TerminalJob) -> None:
 
 
 def _after_commit(session: Session) -> None:
-    for job in session.info.pop(PENDING_KEY, []):
+    pending = session.info.pop(PENDING_KEY, [])
+    if pending:
+        _load_consumers()
+    for job in pending:
         for callback in _callbacks:
             try:
                 callback(job)
             except Exception:  # one broken consumer must not hide the others
                 log.exception("terminal hook %s failed for job %s", callback, job.job_id)
+
+
+@functools.cache
+def _load_consumers() -> None:
+    # The consumers register themselves on import; every process that can end
+    # a job (web app, worker, an application calling cancel_job) loads them.
+    import worker.tasks  # noqa: F401  (finalize_job: archive + notify)
 
 
 def _after_rollback(session: Session) -> None:

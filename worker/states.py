@@ -58,6 +58,7 @@ class Source(StrEnum):
     POLL = "poll"
     SWEEP = "sweep"
     CANCEL = "cancel"
+    FINALIZE = "finalize"
 
 
 class EventKind(StrEnum):

@@ -20,6 +20,8 @@ from sqlalchemy import or_, update
 from worker.celery_app import app
 from worker.config import Settings, get_settings
 from worker.db import session_scope
+from worker.finalize import archive, notify
+from worker.hooks import TerminalJob, on_terminal
 from worker.images import InputImageError, fetch_image
 from worker.jobs import apply_update, lock_job, record_event
 from worker.models import Job, JobInput, utcnow
@@ -256,6 +258,65 @@ def _finish(claim: Claim, submission: Submission) -> None:
         orphaned = not result.applied and job.is_terminal and task_id and adapter.can_cancel
     if orphaned:
         cancel_upstream.delay(str(claim.job_id), provider=claim.provider, upstream_task_id=task_id)
+
+
+@on_terminal
+def _finalize_after_commit(job: TerminalJob) -> None:
+    try:
+        finalize_job.apply_async((str(job.job_id),), {"provider": job.provider}, retry=False)
+    except Exception as exc:
+        log.warning(
+            "job %s: could not send finalize_job (%s); no archive or notification",
+            job.job_id,
+            exc,
+            extra={"job_id": str(job.job_id), "provider": job.provider},
+        )
+
+
+@app.task(name="variflow.finalize_job", bind=True, max_retries=None)
+def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
+    """A job ended: archive its results, then tell the application (task and/or notify_url)."""
+    settings = get_settings()
+    job_uuid = uuid.UUID(job_id)
+    client = get_client()
+    archive(job_uuid, settings, client)
+    if self.request.retries == 0:
+        _send_on_complete(job_uuid, settings)
+    if notify(job_uuid, settings, client):
+        return
+    with session_scope() as session:
+        job = session.get(Job, job_uuid)
+        ended = job.completed_at if job else None
+    if ended is None or (utcnow() - ended).total_seconds() > settings.notify_retry_for:
+        with session_scope() as session:
+            job = lock_job(session, job_uuid)
+            if job is not None:
+                record_event(session, job, Source.FINALIZE, "gave up notifying: retry time over")
+        return
+    ceiling = min(300.0, 2.0**self.request.retries)
+    raise self.retry(countdown=random.uniform(ceiling / 2, ceiling))
+
+
+def _send_on_complete(job_id: uuid.UUID, settings: Settings) -> None:
+    """Send the application's own Celery task, named per job or by configuration."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        name = job.on_complete_task or settings.on_complete_task
+        status, provider = job.status, job.provider
+    if not name:
+        return
+    app.send_task(
+        name,
+        args=[str(job_id)],
+        kwargs={"status": status, "provider": provider},
+        queue=settings.on_complete_queue,
+    )
+    with session_scope() as session:
+        job = lock_job(session, job_id)
+        if job is not None:
+            record_event(session, job, Source.FINALIZE, f"sent task {name}")
 
 
 @app.task(name="variflow.poll_due")
