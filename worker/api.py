@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from urllib.parse import urlsplit
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
