@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging, task_postrun, task_prerun
 from kombu import pools as kombu_pools
 
 from worker.config import Settings, get_settings
+from worker.logs import bind, configure_logging, unbind
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -76,6 +78,37 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 app = Celery("variflow", set_as_current=False)
 app.add_defaults(lambda: celery_config(get_settings()))
 app.autodiscover_tasks(["worker"], related_name="tasks", force=False)
+
+
+@setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    # Connected, so Celery leaves logging to us: one format for every process.
+    configure_logging(get_settings())
+
+
+@task_prerun.connect
+def _bind_task_context(
+    task_id: str = "", task: Any = None, args: Any = None, kwargs: Any = None, **_: Any
+) -> None:
+    # Tasks take (job_id, provider=...) or (provider, job_ids): name both on every line.
+    kwargs = kwargs or {}
+    job_id = args[0] if args and task and task.name in JOB_TASKS else None
+    batch = bool(args) and task is not None and task.name in BATCH_TASKS
+    provider = kwargs.get("provider") or (args[0] if batch else "")
+    token = bind(task=task.name if task else "", job_id=job_id or "", provider=provider or "")
+    _tokens[task_id] = token
+
+
+@task_postrun.connect
+def _unbind_task_context(task_id: str = "", **_: Any) -> None:
+    token = _tokens.pop(task_id, None)
+    if token is not None:
+        unbind(token)
+
+
+JOB_TASKS = {"variflow.submit_job", "variflow.finalize_job", "variflow.cancel_upstream"}
+BATCH_TASKS = {"variflow.poll_batch"}
+_tokens: dict[int, Any] = {}
 
 
 def reconfigure() -> None:

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime
 
 from worker.config import Settings
 
 CONTEXT_FIELDS = ("job_id", "provider", "task")
+_context: ContextVar[dict[str, str]] = ContextVar("variflow_log_context", default={})  # noqa: B039
+
+
+def bind(**fields: str) -> Token[dict[str, str]]:
+    """Attach fields to every log line of this thread/task until :func:`unbind`."""
+    return _context.set({**_context.get(), **{k: v for k, v in fields.items() if v}})
+
+
+def unbind(token: Token[dict[str, str]]) -> None:
+    _context.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Copies the bound context onto each record (explicit ``extra=`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, value in _context.get().items():
+            if getattr(record, name, None) is None:
+                setattr(record, name, value)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,6 +67,7 @@ def configure_logging(settings: Settings) -> None:
         return
     handler = logging.StreamHandler()
     handler._variflow = True  # type: ignore[attr-defined]
+    handler.addFilter(ContextFilter())
     handler.setFormatter(
         JsonFormatter()
         if settings.log_format == "json"
