@@ -108,7 +108,7 @@ def _unbind_task_context(task_id: str = "", **_: Any) -> None:
 
 JOB_TASKS = {"variflow.submit_job", "variflow.finalize_job", "variflow.cancel_upstream"}
 BATCH_TASKS = {"variflow.poll_batch"}
-_tokens: dict[int, Any] = {}
+_tokens: dict[str, Any] = {}
 
 
 def reconfigure() -> None:
