@@ -202,6 +202,25 @@ def get_job(job_id: uuid.UUID | str) -> JobInfo:
         return _snapshot(session, job)
 
 
+def list_jobs(
+    *,
+    statuses: tuple[str, ...] = (),
+    provider: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[JobInfo]:
+    """Jobs, newest first (without their events)."""
+    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
+    if statuses:
+        query = query.where(Job.status.in_(statuses))
+    if provider:
+        query = query.where(Job.provider == provider)
+    if since:
+        query = query.where(Job.created_at >= since)
+    with session_scope() as session:
+        return [JobInfo.from_row(job) for job in session.scalars(query)]
+
+
 def cancel_job(job_id: uuid.UUID | str, reason: str = "cancelled by request") -> JobInfo:
     """Cancel a job at once; a task already created upstream is cancelled there on a
     best-effort basis (by a worker). A terminal job is left as it is."""

@@ -7,13 +7,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
-import httpx
 
-from worker.config import ConfigError, get_settings, reset_settings
+from worker.config import KNOWN_PROVIDERS, ConfigError, get_settings, reset_settings
+from worker.states import JobStatus
 
 
 class VariflowGroup(click.Group):
@@ -116,33 +117,103 @@ def db_upgrade(revision: str) -> None:
     click.echo(f"database at revision {revision}")
 
 
+def _fail_usage(exc: ValueError) -> NoReturn:
+    raise click.UsageError(str(exc))
+
+
+@cli.command()
+@click.argument("provider", type=click.Choice(KNOWN_PROVIDERS))
+@click.option("--origin-task-id", help="piapi: the imagine/upscale task to vary.")
+@click.option("--index", help="piapi: 1-4, high_variation or low_variation.")
+@click.option("--prompt", help="piapi: the prompt.")
+@click.option("--aspect-ratio", help="piapi: e.g. 1:1 or 16:9.")
+@click.option("--image", help="piclaza, lemondata: an http(s) URL or a local file path.")
+@click.option("--n", type=int, help="lemondata: number of images, 1-10.")
+@click.option("--size", help="lemondata: 256x256, 512x512 or 1024x1024.")
+@click.option("--response-format", help="lemondata: url or b64_json.")
+@click.option("--idempotency-key", help="The same key returns the same job.")
+@click.option("--deadline", type=float, help="Seconds before the job fails with timeout.")
+@click.option("--notify-url", help="POST the final state here (Standard Webhooks).")
+@click.option("--on-complete-task", help="A Celery task sent with the job id at the end.")
+@click.option("--wait", is_flag=True, help="Follow the job to its end.")
+@click.option("--timeout", default=600.0, show_default=True, help="With --wait: give up after.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+def submit(provider: str, wait: bool, timeout: float, as_json: bool, **options: Any) -> None:
+    """Submit a variation job and print its id (exit 1 if, with --wait, it fails).
+
+    \b
+    variflow submit piapi --origin-task-id T --index 1 --prompt "a fox" --wait
+    variflow submit piclaza --image ./cat.png
+    variflow submit lemondata --image https://example.com/cat.png --n 2 --size 512x512
+    """
+    from worker.api import get_job, submit_variation
+
+    fields = {k: v for k, v in options.items() if v is not None}
+    try:
+        job = submit_variation(provider, **fields)
+    except ValueError as exc:
+        _fail_usage(exc)
+    if not wait:
+        click.echo(json.dumps(_job_json(job), indent=2) if as_json else str(job.id))
+        return
+    if not as_json:
+        click.echo(f"{job.id}  {provider}")
+    job = _follow(job.id, get_job, lambda: None, timeout, quiet=as_json)
+    _print_result(job, as_json)
+
+
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job_id: str, as_json: bool) -> None:
-    """Show a job and its timeline."""
+    """Show a job and its timeline (exit 1 if it failed)."""
     from worker.api import JobNotFound, get_job
 
     try:
         job = get_job(job_id)
     except JobNotFound as exc:
         raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
+    if not as_json:
+        click.echo(f"{job.id}  {job.provider}  {job.status}  {job.progress}%")
+        for event in job.events:
+            click.echo("  " + _event_line(event))
+    _print_result(job, as_json)
+
+
+@cli.command("list")
+@click.option(
+    "--status", "statuses", multiple=True, type=click.Choice([s.value for s in JobStatus])
+)
+@click.option("--provider", type=click.Choice(KNOWN_PROVIDERS))
+@click.option("--since", help="Only jobs created since: 30m, 2h, 7d or an ISO date.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_jobs(
+    statuses: tuple[str, ...], provider: str | None, since: str | None, limit: int, as_json: bool
+) -> None:
+    """List jobs, newest first."""
+    from worker.api import list_jobs as query
+
+    try:
+        since_at = _parse_since(since) if since else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    jobs = query(statuses=statuses, provider=provider, since=since_at, limit=limit)
     if as_json:
-        click.echo(json.dumps(_job_json(job), indent=2))
+        click.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
         return
-    click.echo(f"{job.id}  {job.provider}  {job.status}  {job.progress}%")
-    for event in job.events:
-        click.echo("  " + _event_line(event))
-    for url in job.result_urls:
-        click.echo(f"  result: {url}")
-    if job.status == "failed":
-        sys.exit(1)
+    click.echo(f"{'ID':36}  {'PROVIDER':9}  {'STATUS':10}  {'%':>3}  CREATED (UTC)        ERROR")
+    for job in jobs:
+        click.echo(
+            f"{job.id!s:36}  {job.provider:9}  {job.status:10}  {job.progress:>3}  "
+            f"{job.created_at:%Y-%m-%d %H:%M:%S}  {job.error_code or ''}"
+        )
 
 
 @cli.command()
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
-    """Cancel a job."""
+    """Cancel a job (a task already created upstream is cancelled there, best effort)."""
     from worker.api import JobNotFound, cancel_job
 
     try:
@@ -153,9 +224,38 @@ def cancel(job_id: str) -> None:
 
 
 @cli.command()
+@click.option("--port", default=8000, show_default=True, type=int, help="Webhook app port.")
+@click.option("--sandbox-port", default=8100, show_default=True, type=int)
+def dev(port: int, sandbox_port: int) -> None:
+    """Run sandbox + webhooks + worker + beat in this terminal, against the sandbox."""
+    from honcho.manager import Manager
+
+    from worker.devstack import sandbox_env
+    from worker.migrate import upgrade
+
+    env = {
+        **os.environ,
+        "VARIFLOW_PORT": str(port),
+        "VARIFLOW_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        **sandbox_env(f"http://127.0.0.1:{sandbox_port}"),
+    }
+    os.environ.update(env)
+    reset_settings()
+    upgrade(get_settings().database_url)
+    me = f"{sys.executable} -m"
+    manager = Manager()
+    manager.add_process("sandbox", f"{me} worker.cli sandbox --port {sandbox_port}", env=env)
+    manager.add_process("web", f"{me} worker.cli serve --port {port} --workers 1", env=env)
+    manager.add_process("worker", f"{me} celery -A worker.celery_app worker -l INFO", env=env)
+    manager.add_process("beat", f"{me} celery -A worker.celery_app beat -l INFO", env=env)
+    manager.loop()
+    sys.exit(manager.returncode)
+
+
+@cli.command()
 @click.option("--keep", is_flag=True, help="Leave the processes running until Ctrl-C.")
 def demo(keep: bool) -> None:
-    """Run one job end to end on the embedded default, against the sandbox."""
+    """Run one job per provider end to end on the embedded default, against the sandbox."""
     from worker.api import get_job, submit_variation
     from worker.devstack import Stack, free_port, sandbox_env
     from worker.migrate import upgrade
@@ -164,17 +264,16 @@ def demo(keep: bool) -> None:
     home = settings.home.resolve()
     sandbox_port, web_port = free_port(), free_port()
     web_url = f"http://127.0.0.1:{web_port}"
-    env = {
-        "VARIFLOW_HOME": str(home),
-        "VARIFLOW_PUBLIC_URL": web_url,
-        **sandbox_env(f"http://127.0.0.1:{sandbox_port}"),
-    }
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    env = {"VARIFLOW_HOME": str(home), "VARIFLOW_PUBLIC_URL": web_url, **sandbox_env(sandbox_url)}
     os.environ.update(env)
     reset_settings()
     settings = get_settings()
     click.echo(f"database: {settings.database_url}")
     click.echo(f"broker:   {settings.broker_url} ({settings.broker_folder})")
+    click.echo(f"results:  {settings.results_folder}")
     upgrade(settings.database_url)
+    input_png = _demo_input_image(home / "demo-input.png")
 
     with Stack(env, home / "logs") as stack:
         stack.start_sandbox(sandbox_port)
@@ -184,20 +283,21 @@ def demo(keep: bool) -> None:
         click.echo(
             f"sandbox, webhooks ({web_url}), worker and beat are up; logs in {home / 'logs'}"
         )
-        job = submit_variation(
-            "piapi",
-            origin_task_id="demo-imagine-task",
-            index="1",
-            prompt="a lighthouse at dusk, oil painting",
-        )
-        click.echo(f"\npiapi job {job.id}")
-        job = _follow(job.id, get_job, stack.check_alive, timeout=120)
-        saved = _save_results(job.result_urls, home / "results" / str(job.id))
-        click.echo(f"\nstatus: {job.status}")
-        if job.error_message:
-            click.echo(f"error:  {job.error_code}: {job.error_message}")
-        for url, path in saved:
-            click.echo(f"image:  {url}\n   ->   {path}")
+        jobs = [
+            submit_variation(
+                "piapi", origin_task_id="demo-imagine-task", index="1", prompt="a lighthouse"
+            ),
+            submit_variation("piclaza", image=input_png),
+            submit_variation("lemondata", image=input_png.read_bytes(), n=2, size="256x256"),
+        ]
+        finished = []
+        for job in jobs:
+            click.echo(f"\n{job.provider} job {job.id}")
+            done = _follow(job.id, get_job, stack.check_alive, timeout=120)
+            # Archival runs just after the end: show where the files went.
+            done = _wait_archived(done.id, get_job, timeout=30)
+            _print_result(done, as_json=False, exit_on_failure=False)
+            finished.append(done)
         if keep:
             click.echo("\nrunning; Ctrl-C to stop")
             try:
@@ -205,18 +305,69 @@ def demo(keep: bool) -> None:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-    sys.exit(0 if job.status == "completed" else 1)
+    sys.exit(0 if all(j.status == "completed" for j in finished) else 1)
+
+
+def _demo_input_image(path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (256, 256), (24, 40, 72))
+    ImageDraw.Draw(image).ellipse((48, 48, 208, 208), fill=(240, 180, 60))
+    image.save(path, format="PNG")
+    return path
+
+
+def _wait_archived(job_id: Any, get_job: Callable[[Any], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_job(job_id)
+        if job.status != "completed" or job.archived_urls or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
+
+
+def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None:
+    if as_json:
+        click.echo(json.dumps(_job_json(job), indent=2))
+    else:
+        click.echo(f"status: {job.status}")
+        if job.error_code or job.error_message:
+            click.echo(f"error:  {job.error_code}: {job.error_message}")
+        for url in job.result_urls:
+            click.echo(f"result:   {url}")
+        settings = get_settings()
+        for url in job.archived_urls:
+            local = settings.results_folder / url.split("/results/", 1)[-1]
+            click.echo(f"archived: {local}")
+    if exit_on_failure and job.status in ("failed", "cancelled"):
+        sys.exit(1)
+
+
+def _parse_since(value: str) -> datetime:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].isdigit() and value[-1:] in units:
+        return datetime.now(UTC) - timedelta(seconds=int(value[:-1]) * units[value[-1]])
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not like 30m, 2h, 7d or an ISO date") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _follow(
-    job_id: Any, get_job: Callable[[Any], Any], check: Callable[[], None], timeout: float
+    job_id: Any,
+    get_job: Callable[[Any], Any],
+    check: Callable[[], None],
+    timeout: float,
+    quiet: bool = False,
 ) -> Any:
     """Print a job's events as they happen until it is terminal."""
     shown = 0
     deadline = time.monotonic() + timeout
     while True:
         job = get_job(job_id)
-        for event in job.events[shown:]:
+        for event in job.events[shown:] if not quiet else ():
             click.echo("  " + _event_line(event))
         shown = len(job.events)
         if job.is_terminal:
@@ -235,17 +386,6 @@ def _event_line(event: Any) -> str:
     )
     text = f"{event.at:%H:%M:%S.%f}"[:-3] + f"  {event.source:<8} {event.kind:<10} {move}"
     return text + (f"  ({event.message})" if event.message else "")
-
-
-def _save_results(urls: list[str], folder: Path) -> list[tuple[str, Path]]:
-    folder.mkdir(parents=True, exist_ok=True)
-    saved = []
-    with httpx.Client(timeout=30) as client:
-        for n, url in enumerate(urls, 1):
-            path = folder / f"{n}.png"
-            path.write_bytes(client.get(url).raise_for_status().content)
-            saved.append((url, path))
-    return saved
 
 
 def _job_json(job: Any) -> dict[str, Any]:
