@@ -19,7 +19,7 @@ from worker.db import session_scope
 from worker.images import ImageInput, resolve_image
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, JobEvent, JobInput, utcnow
-from worker.providers import get_provider
+from worker.providers import check_provider_name, get_provider
 from worker.states import EventKind, JobStatus, Source, UpstreamState
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def submit_variation(
     default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
     state to ``notify_url`` signed per Standard Webhooks.
     """
-    adapter = get_provider(provider)
+    adapter = get_provider(check_provider_name(provider, for_new_job=True))
     stored_image = None
     if image is not None:
         if "image_url" in params:

@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from standardwebhooks.webhooks import Webhook
 
 KNOWN_PROVIDERS = ("piapi", "piclaza", "lemondata")
 ENV_PREFIX = "VARIFLOW_"
@@ -132,6 +133,27 @@ class Settings(BaseSettings):
             raise ValueError("not a URL (expected scheme://...)")
         return value
 
+    @field_validator("notify_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                Webhook(value.get_secret_value())
+            except Exception:
+                raise ValueError("must be a Standard Webhooks secret: whsec_<base64>") from None
+        return value
+
+    @model_validator(mode="after")
+    def _claim_outlives_create(self) -> Settings:
+        # A claim that expires while its create call still runs would let a
+        # second worker create the task again.
+        needed = max(self.lemondata_create_timeout, self.http_timeout) + 30
+        if self.submit_claim_ttl < needed:
+            raise ValueError(
+                f"submit_claim_ttl: must be at least {needed:g}s (the longest create call + 30s)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
         # Frozen model: defaults derived from other fields are set once, here.
@@ -186,8 +208,12 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if error["loc"]:
+                field = str(error["loc"][0])
+            else:  # a check across fields names its field first: "field: message"
+                field, _, message = message.partition(": ")
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 

@@ -22,8 +22,10 @@ from standardwebhooks.webhooks import Webhook
 
 from worker.config import Settings
 from worker.db import session_scope
+from worker.images import check_public_host
 from worker.jobs import lock_job, record_event
 from worker.models import Job, utcnow
+from worker.providers.base import UpstreamError
 from worker.results import job_folder
 from worker.states import EventKind, JobStatus, Source
 
@@ -61,8 +63,14 @@ def archive_results(job: Job, settings: Settings, client: httpx.Client) -> Archi
 
 
 def _download(url: str, folder: Path, n: int, settings: Settings, client: httpx.Client) -> str:
-    if urlsplit(url).scheme not in ("http", "https"):
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("not an http(s) URL")
+    if not settings.allow_private_urls:
+        try:
+            check_public_host(parts.hostname, parts.port or 443)
+        except UpstreamError as exc:
+            raise ValueError(exc.message) from None
     # Only the URL the provider returned: no redirects to somewhere else.
     with client.stream(
         "GET", url, follow_redirects=False, timeout=settings.archive_timeout
@@ -139,16 +147,18 @@ def post_notification(
 def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client) -> None:
     """Archive once: skipped when the job has archived URLs already."""
     with session_scope() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != JobStatus.COMPLETED or job.archived_urls:
+        snapshot = session.get(Job, job_id)
+        if snapshot is None or snapshot.status != JobStatus.COMPLETED or snapshot.archived_urls:
             return
-        result_urls = list(job.result_urls or [])
+        result_urls = list(snapshot.result_urls or [])
     if not settings.archive_results or not result_urls:
         return
+    # Downloads run outside any transaction: no row (or SQLite) lock is held meanwhile.
+    archived = archive_results(snapshot, settings, client)
     with session_scope() as session:
         job = lock_job(session, job_id)
-        assert job is not None
-        archived = archive_results(job, settings, client)
+        if job is None or job.archived_urls:
+            return
         job.archived_urls = archived.urls
         message = f"archived {len(archived.urls)} of {len(result_urls)} result image(s)"
         if archived.errors:

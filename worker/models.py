@@ -81,6 +81,8 @@ class Job(Base):
         # Beat's hot query: due jobs by status, oldest next_poll_at first.
         Index("ix_jobs_status_next_poll_at", "status", "next_poll_at"),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        # The sweep's overdue query.
+        Index("ix_jobs_status_deadline", "status", "deadline"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -101,6 +103,9 @@ class Job(Base):
     submit_attempts: Mapped[int] = mapped_column(Integer, default=0)
     claim_token: Mapped[str | None] = mapped_column(String(32))
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set (and committed) just before the create call, cleared when its outcome
+    # is known: a claim that expires with this set may have created a paid task.
+    create_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     # Polling.
@@ -114,6 +119,8 @@ class Job(Base):
     notify_url: Mapped[str | None] = mapped_column(String(2048))
     on_complete_task: Mapped[str | None] = mapped_column(String(255))
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    on_complete_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

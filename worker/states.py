@@ -180,12 +180,11 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
         changes["claim_token"] = None
         changes["claimed_until"] = None
         changes["retry_at"] = None
-    accepted_upstream = bool(update.upstream_task_id or job.upstream_task_id) or target in (
-        JobStatus.SUBMITTED,
-        JobStatus.PROCESSING,
-        JobStatus.COMPLETED,
-    )
-    if accepted_upstream and job.submitted_at is None:
+        changes["create_started_at"] = None
+    # submitted_at means "the provider accepted it": a task id, or a status only
+    # an accepted job can have.
+    accepted = update.upstream_task_id or job.upstream_task_id or not target.is_terminal
+    if (accepted or target is JobStatus.COMPLETED) and job.submitted_at is None:
         changes["submitted_at"] = now
     if progress is not None and progress > job.progress:
         changes["progress"] = progress

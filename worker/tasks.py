@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import or_, update
 
 from worker.celery_app import app
@@ -25,7 +26,7 @@ from worker.hooks import TerminalJob, on_terminal
 from worker.images import InputImageError, fetch_image
 from worker.jobs import apply_update, lock_job, record_event
 from worker.models import Job, JobInput, utcnow
-from worker.polling import first_poll_at, lease_due, poll_jobs
+from worker.polling import POLL_LEASE, first_poll_at, lease_due, poll_jobs
 from worker.providers import get_provider
 from worker.providers.base import (
     InputImage,
@@ -40,7 +41,7 @@ from worker.providers.base import (
 from worker.providers.http import get_client
 from worker.results import store_inline_images
 from worker.states import JobStatus, Source, UpstreamState
-from worker.sweep import sweep
+from worker.sweep import NOT_RESENT, OUTCOME_UNKNOWN, sweep
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,11 @@ def claim_for_submit(job_id: uuid.UUID, settings: Settings) -> Claim | None:
 
 @app.task(name="variflow.submit_job", bind=True, max_retries=None)
 def submit_job(self: Any, job_id: str, provider: str = "") -> None:
-    """Create the job's task upstream, exactly once per claim."""
+    """Create the job's task upstream, exactly once per claim.
+
+    A create whose outcome is unknown (sent, but no clear answer) is never sent
+    again: paying twice is worse than failing clearly. See _outcome_unknown.
+    """
     settings = get_settings()
     claim = claim_for_submit(uuid.UUID(job_id), settings)
     if claim is None:
@@ -157,6 +162,9 @@ def submit_job(self: Any, job_id: str, provider: str = "") -> None:
         return
     if claim.deadline <= utcnow():
         _finish(claim, _failure("timeout", "deadline passed before the job was submitted"))
+        return
+    if claim.attempt > settings.submit_max_retries + 1:
+        _finish(claim, _failure("submit_failed", f"gave up after {claim.attempt - 1} attempts"))
         return
     adapter = get_provider(claim.provider)
     request = SubmitRequest(
@@ -173,25 +181,78 @@ def submit_job(self: Any, job_id: str, provider: str = "") -> None:
     try:
         if adapter.needs_image_bytes and request.image is None:
             request = replace(request, image=_fetch_input(adapter, claim, settings))
+        if not _mark_create_started(claim):
+            return  # the claim was lost meanwhile
         submission = adapter.submit(request)
-        if submission.images:
-            urls = store_inline_images(settings, claim.job_id, submission.images)
-            submission = replace(
-                submission, state=replace(submission.state, image_urls=urls), images=()
-            )
     except PermanentUpstreamError as exc:
         _finish(claim, _failure(exc.code, exc.message))
         return
+    except TransientUpstreamError as exc:
+        if exc.maybe_processed:
+            _outcome_unknown(claim, adapter, exc.message, settings)
+            return
+        delay = _retry_or_fail(claim, exc, settings)
     except UpstreamError as exc:
         delay = _retry_or_fail(claim, exc, settings)
-    except Exception as exc:
+    except (Exception, SoftTimeLimitExceeded) as exc:
+        # Raised around the create call: it may or may not have happened.
         log.exception("job %s: unexpected error while submitting", job_id)
-        delay = _retry_or_fail(claim, TransientUpstreamError(f"internal error: {exc!r}"), settings)
+        _outcome_unknown(claim, adapter, f"internal error: {exc!r}", settings)
+        return
     else:
-        _finish(claim, submission)
+        _finish(claim, _store_inline_results(claim, submission, settings))
         return
     if delay is not None:
         raise self.retry(countdown=delay)
+
+
+def _mark_create_started(claim: Claim) -> bool:
+    """Commit, before the create call, that one may be in flight (the sweep reads it)."""
+    with session_scope() as session:
+        marked = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.claim_token == claim.token)
+            .values(create_started_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        return bool(marked.rowcount)  # type: ignore[attr-defined]
+
+
+def _store_inline_results(claim: Claim, submission: Submission, settings: Settings) -> Submission:
+    """Keep images a provider returned inline; a failure here must not re-POST a paid create."""
+    if not submission.images:
+        return submission
+    try:
+        urls = store_inline_images(settings, claim.job_id, submission.images)
+    except OSError as exc:
+        log.exception("job %s: could not store inline results", claim.job_id)
+        return _failure("result_storage_failed", f"could not store the result images: {exc}")
+    return replace(submission, state=replace(submission.state, image_urls=urls), images=())
+
+
+def _outcome_unknown(claim: Claim, adapter: Provider, reason: str, settings: Settings) -> None:
+    """The create may have happened upstream. Never send it again.
+
+    A webhook provider calls back to this job's URL with this claim's secret
+    if the task exists, and the receiver adopts it; so the claim (and secret)
+    is kept for the webhook grace period, after which the sweep fails the job.
+    Other providers offer no way to find the task: the job fails now.
+    """
+    if not adapter.supports_webhook:
+        _finish(claim, _failure(OUTCOME_UNKNOWN, f"{reason}; {NOT_RESENT}"))
+        return
+    with session_scope() as session:
+        job = lock_job(session, claim.job_id)
+        if job is None or job.claim_token != claim.token:
+            return
+        wait = settings.piapi_webhook_grace
+        job.claimed_until = utcnow() + timedelta(seconds=wait)
+        record_event(
+            session,
+            job,
+            Source.SUBMIT,
+            f"{reason}; the task may exist upstream: waiting {wait:g}s for its webhook",
+        )
 
 
 def _fetch_input(adapter: Provider, claim: Claim, settings: Settings) -> InputImage:
@@ -227,6 +288,7 @@ def _retry_or_fail(claim: Claim, exc: UpstreamError, settings: Settings) -> floa
             return None  # the claim was lost meanwhile; whoever holds it now decides
         job.claim_token = None
         job.claimed_until = None
+        job.create_started_at = None  # the provider said no: nothing was created
         job.retry_at = utcnow() + timedelta(seconds=delay)
         record_event(session, job, Source.SUBMIT, f"{exc.message}; retrying in {delay:.1f}s")
     log.warning(
@@ -253,9 +315,10 @@ def _finish(claim: Claim, submission: Submission) -> None:
             job.poll_url = submission.poll_url
         if result.applied and not job.is_terminal:
             job.next_poll_at = first_poll_at(adapter, get_settings(), now)
-        # Cancelled (or timed out) while the create call was in flight: the
-        # task we just created is unwanted; stop it where the provider can.
-        orphaned = not result.applied and job.is_terminal and task_id and adapter.can_cancel
+        # A task this job does not follow (it was cancelled or timed out while
+        # the create was in flight, or another attempt's task won): stop it
+        # where the provider can, or it runs, and bills, for nothing.
+        orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
     if orphaned:
         cancel_upstream.delay(str(claim.job_id), provider=claim.provider, upstream_task_id=task_id)
 
@@ -273,16 +336,20 @@ def _finalize_after_commit(job: TerminalJob) -> None:
         )
 
 
-@app.task(name="variflow.finalize_job", bind=True, max_retries=None)
+@app.task(name="variflow.finalize_job", bind=True, max_retries=None, soft_time_limit=900)
 def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
-    """A job ended: archive its results, then tell the application (task and/or notify_url)."""
+    """A job ended: archive its results, then tell the application (task and/or notify_url).
+
+    Re-runnable: each step checks what is already done (archived_urls,
+    on_complete_sent_at, notified_at); the sweep re-sends it until finalized_at.
+    """
     settings = get_settings()
     job_uuid = uuid.UUID(job_id)
     client = get_client()
     archive(job_uuid, settings, client)
-    if self.request.retries == 0:
-        _send_on_complete(job_uuid, settings)
+    _send_on_complete(job_uuid, settings)
     if notify(job_uuid, settings, client):
+        _mark(job_uuid, finalized_at=utcnow())
         return
     with session_scope() as session:
         job = session.get(Job, job_uuid)
@@ -291,17 +358,29 @@ def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
         with session_scope() as session:
             job = lock_job(session, job_uuid)
             if job is not None:
+                job.finalized_at = utcnow()
                 record_event(session, job, Source.FINALIZE, "gave up notifying: retry time over")
         return
+    _mark(job_uuid, updated_at=utcnow())  # still working on it: the sweep leaves it be
     ceiling = min(300.0, 2.0**self.request.retries)
     raise self.retry(countdown=random.uniform(ceiling / 2, ceiling))
 
 
+def _mark(job_id: uuid.UUID, **values: Any) -> None:
+    with session_scope() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+
+
 def _send_on_complete(job_id: uuid.UUID, settings: Settings) -> None:
-    """Send the application's own Celery task, named per job or by configuration."""
+    """Send the application's own Celery task (named per job or by configuration), once."""
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is None:
+        if job is None or job.on_complete_sent_at is not None:
             return
         name = job.on_complete_task or settings.on_complete_task
         status, provider = job.status, job.provider
@@ -316,6 +395,7 @@ def _send_on_complete(job_id: uuid.UUID, settings: Settings) -> None:
     with session_scope() as session:
         job = lock_job(session, job_id)
         if job is not None:
+            job.on_complete_sent_at = utcnow()
             record_event(session, job, Source.FINALIZE, f"sent task {name}")
 
 
@@ -335,7 +415,7 @@ def poll_due() -> int:
     return sent
 
 
-@app.task(name="variflow.poll_batch")
+@app.task(name="variflow.poll_batch", expires=POLL_LEASE.total_seconds())
 def poll_batch(provider: str, job_ids: list[str]) -> None:
     """Poll a leased batch of one provider's jobs; safe to run twice (the lease moved on)."""
     poll_jobs(provider, [uuid.UUID(i) for i in job_ids], get_settings())
@@ -348,6 +428,8 @@ def sweep_jobs() -> dict[str, int]:
     report = sweep(get_settings())
     for job_id in report.to_submit:
         send_submit(job_id, "")
+    for job_id in report.refinalize:
+        finalize_job.delay(str(job_id))
     for job_id in report.timed_out:
         send_cancel_upstream(job_id)
     counts = {k: len(v) for k, v in vars(report).items()}

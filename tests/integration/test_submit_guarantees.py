@@ -7,6 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import pytest
@@ -93,24 +94,26 @@ def test_broker_down_at_submit_keeps_the_job(
 def test_an_expired_claim_lets_another_worker_submit(
     pg_url: str, redis_url: str, sandbox: SandboxServer, configure: Configure
 ) -> None:
-    settings = configure(submit_claim_ttl=0.5)
+    settings = configure()
     job = submit_variation("piapi", **PIAPI)
     first = claim_for_submit(job.id, settings)  # a worker claims it ... and dies here
     assert first is not None
     assert claim_for_submit(job.id, settings) is None  # the claim holds meanwhile
 
-    def claim_expired() -> bool:
-        with session_scope() as session:
-            row = session.get(Job, job.id)
-            assert row is not None and row.claimed_until is not None
-            return row.claimed_until < utcnow()
-
-    wait_until(claim_expired)
+    expire_claim(job.id)  # VARIFLOW_SUBMIT_CLAIM_TTL passes
     submit_job(str(job.id), provider="piapi")
 
     stored = get_job(job.id)
     assert stored.status == "submitted"
     assert sandbox.state.stats()["creates"]["piapi"] == 1
+
+
+def expire_claim(job_id: object) -> None:
+    """Move a job's submit claim into the past, as if its TTL had run out."""
+    with session_scope() as session:
+        row = session.get(Job, job_id)
+        assert row is not None and row.claimed_until is not None
+        row.claimed_until = utcnow() - timedelta(seconds=1)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:

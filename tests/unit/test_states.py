@@ -44,6 +44,7 @@ class FakeJob:
     claim_token: str | None = None
     claimed_until: datetime | None = None
     retry_at: datetime | None = None
+    create_started_at: datetime | None = None
     next_poll_at: datetime | None = None
     result_urls: list[str] | None = None
     error_code: str | None = None

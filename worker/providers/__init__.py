@@ -35,11 +35,16 @@ def _provider_for(name: str, pid: int) -> Provider:
     return build_provider(name, get_settings())
 
 
-def check_provider_name(name: object) -> str:
+def check_provider_name(name: object, *, for_new_job: bool = False) -> str:
+    """A known provider's name; new jobs also need it enabled (VARIFLOW_PROVIDERS).
+
+    Jobs already in flight keep their adapter when a provider is disabled, so
+    they still finish (or fail) instead of being stranded.
+    """
     enabled = get_settings().providers
     if not isinstance(name, str) or name not in KNOWN_PROVIDERS:
         raise ValueError(f"provider: unknown provider {name!r} (known: {', '.join(enabled)})")
-    if name not in enabled:
+    if for_new_job and name not in enabled:
         raise ValueError(f"provider: {name!r} is not enabled (VARIFLOW_PROVIDERS)")
     return name
 

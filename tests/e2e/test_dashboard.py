@@ -1,0 +1,192 @@
+"""The jobs dashboard in a real browser: headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium) against the running stack.
+
+Selenium is given both the browser and the driver, and SE_OFFLINE is set, so
+Selenium Manager never downloads anything. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from tests.conftest import REQUIRE_SERVICES, Configure
+from tests.e2e.conftest import RunningStack
+from worker.api import submit_variation
+from worker.db import session_scope
+from worker.models import Job
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as exc:  # reported by the `chromium` fixture, not at collection
+    SELENIUM_ERROR: ImportError | None = exc
+else:
+    SELENIUM_ERROR = None
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+USER = "ops"
+PASSWORD = "e2e-dashboard-pa55"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+]
+IMAGES_LOADED = """
+const images = Array.from(document.querySelectorAll(arguments[0]));
+return images.length > 0 && images.every(img => img.complete && img.naturalWidth > 0);
+"""
+
+
+def missing(message: str) -> None:
+    """Like tests.conftest.unavailable: a failure in CI, a skip elsewhere."""
+    if REQUIRE_SERVICES:
+        pytest.fail(message + " (VARIFLOW_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def chromium() -> None:
+    """Headless Chromium is here; asked for first, so nothing starts without it."""
+    if SELENIUM_ERROR is not None:
+        missing(f"selenium is not installed ({SELENIUM_ERROR}): pip install -e '.[dev]'")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not path.is_file():
+            missing(f"{path} not found: apt-get install chromium chromium-driver")
+
+
+@pytest.fixture
+def dashboard_credentials(configure: Configure) -> tuple[str, str]:
+    """Asked for before running_stack, which passes VARIFLOW_* on to the web app."""
+    configure(dashboard_user=USER, dashboard_password=PASSWORD)
+    return USER, PASSWORD
+
+
+@pytest.fixture
+def browser(chromium: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriver]:
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
+        options.add_argument(flag)
+    service = Service(
+        executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")
+    )
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def square_png(size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (40, 90, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def archived_urls(job_id: object) -> list[str]:
+    with session_scope() as session:
+        urls = session.scalar(select(Job.archived_urls).where(Job.id == job_id))
+    return list(urls or [])
+
+
+def wait_images(driver: WebDriver, selector: str, timeout: float = 20.0) -> None:
+    try:
+        WebDriverWait(driver, timeout).until(lambda d: d.execute_script(IMAGES_LOADED, selector))
+    except Exception:
+        state = driver.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0]))"
+            ".map(i => [i.currentSrc, i.complete, i.naturalWidth])",
+            selector,
+        )
+        raise AssertionError(f"images {selector!r} did not load: {state}") from None
+
+
+def screenshot(driver: WebDriver, name: str) -> Path:
+    """A full-page PNG under test-artifacts/ (git-ignored); prints where."""
+    shot: dict[str, Any] = driver.execute_cdp_cmd(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    path.write_bytes(base64.b64decode(shot["data"]))
+    print(f"screenshot: {path}")
+    return path
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_dashboard_shows_a_finished_job_in_a_browser(
+    chromium: None,
+    dashboard_credentials: tuple[str, str],
+    running_stack: RunningStack,
+    browser: WebDriver,
+) -> None:
+    web = running_stack.web_url
+    piapi = submit_variation(
+        "piapi", origin_task_id="imagine-42", index="2", prompt="a lighthouse at <dusk> & rain"
+    )
+    piclaza = submit_variation("piclaza", image=square_png())
+    done = running_stack.wait_terminal(piapi.id)
+    assert done.status == "completed", done.error_message
+    assert running_stack.wait_terminal(piclaza.id).status == "completed"
+    archived = running_stack.wait_for(
+        lambda: archived_urls(piapi.id), what="the results to be archived"
+    )
+
+    # The web app was started with the credentials: no dashboard without them.
+    assert httpx.get(f"{web}/dashboard", timeout=10).status_code == 401
+    assert httpx.get(f"{web}/dashboard", auth=(USER, PASSWORD), timeout=10).status_code == 200
+
+    # As a person would after answering the browser's prompt: the credentials
+    # are given once and cached for the origin; the pages' own URLs carry none.
+    browser.get(f"http://{USER}:{PASSWORD}@{web.removeprefix('http://')}/dashboard")
+    browser.get(f"{web}/dashboard")
+    counts = browser.find_element(By.CSS_SELECTOR, 'a[data-status="completed"] .n')
+    assert int(counts.text) == 2
+    screenshot(browser, "dashboard-index.png")
+
+    browser.find_element(By.CSS_SELECTOR, f'a[href="/dashboard/jobs/{piapi.id}"]').click()
+    WebDriverWait(browser, 10).until(lambda d: str(piapi.id) in d.current_url)
+    assert browser.find_element(By.ID, "job-status").text == "completed"
+    wait_images(browser, "img.result")
+    sources = [
+        str(img.get_attribute("currentSrc"))
+        for img in browser.find_elements(By.CSS_SELECTOR, "img.result")
+    ]
+    assert sources == archived  # the archived copies, served by the app under /results/
+    assert all(src.startswith(f"{web}/results/{piapi.id}/") for src in sources)
+    timeline = browser.find_element(By.ID, "timeline").text
+    assert "completed" in timeline and "archived" in timeline
+    assert "a lighthouse at <dusk> & rain" in browser.find_element(By.ID, "input").text
+    path = screenshot(browser, "dashboard-job.png")
+    assert path.stat().st_size > 10_000
+
+    # The input image is served behind the same credentials, and loads.
+    browser.get(f"{web}/dashboard/jobs/{piclaza.id}")
+    wait_images(browser, "#input img")
+    wait_images(browser, "img.result")
+    screenshot(browser, "dashboard-job-with-input.png")
