@@ -19,11 +19,15 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config.update(config)
 
+    from webhooks.dashboard import bp as dashboard_bp
     from webhooks.health import bp as health_bp
+    from webhooks.metrics import bp as metrics_bp
     from webhooks.receiver import bp as receiver_bp
     from webhooks.results import bp as results_bp
 
     app.register_blueprint(health_bp)
+    app.register_blueprint(metrics_bp)
     app.register_blueprint(receiver_bp)
     app.register_blueprint(results_bp)
+    app.register_blueprint(dashboard_bp)
     return app

@@ -18,6 +18,7 @@ from flask import Blueprint, Response, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from webhooks.metrics import note_webhook_event
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.jobs import apply_update, lock_job
@@ -125,6 +126,7 @@ def _apply(
     now = utcnow()
     job.last_webhook_at = now
     result = apply_update(session, job, state, now)
+    note_webhook_event(result.event)  # for the deliveries metric (webhooks/metrics.py)
     if not job.is_terminal:
         job.next_poll_at = poll_at_after_webhook(get_settings(), now)
     outcome = result.event.kind.value if result.event else "ignored"

@@ -12,6 +12,7 @@ from celery import Celery
 from celery.signals import setup_logging, task_postrun, task_prerun
 from kombu import pools as kombu_pools
 
+import worker.metrics  # noqa: F401 (connects worker_process_shutdown for metrics)
 from worker.config import Settings, get_settings
 from worker.logs import bind, configure_logging, unbind
 

@@ -56,6 +56,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             sys.executable,
             "-m",
             "gunicorn",
+            "--config",
+            "python:webhooks.gunicorn_conf",
             "--bind",
             bind,
             "--workers",

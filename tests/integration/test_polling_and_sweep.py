@@ -144,7 +144,8 @@ def test_sweep_releases_a_dead_workers_claim(
     assert job.id in sweep(settings).released
     submit_job(str(job.id), provider="piapi")  # what the re-sent message does
 
-    assert get_job(job.id).status == "submitted"
+    # Accepted upstream (the sandbox may already say "processing" on a busy machine).
+    assert get_job(job.id).status in ("submitted", "processing")
     assert any("claim expired" in (e.message or "") for e in get_job(job.id).events)
 
 

@@ -7,6 +7,7 @@ rest of variflow reads the capability flags below and calls the protocol.
 from __future__ import annotations
 
 import email.utils
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Protocol
 
 import httpx
 
+from worker.metrics import observe_upstream, upstream_outcome
 from worker.states import UpstreamState
 
 TRANSIENT_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
@@ -33,10 +35,18 @@ class TransientUpstreamError(UpstreamError):
     """Worth retrying later: connection trouble, timeouts, 429 and 5xx."""
 
     def __init__(
-        self, message: str, *, code: str = "upstream_unavailable", retry_after: float | None = None
+        self,
+        message: str,
+        *,
+        code: str = "upstream_unavailable",
+        retry_after: float | None = None,
+        maybe_processed: bool = False,
     ) -> None:
         super().__init__(message, code=code)
         self.retry_after = retry_after
+        # The request went out and no clear answer came back (a read timeout,
+        # a dropped connection, a garbled 2xx): a create may have happened.
+        self.maybe_processed = maybe_processed
 
 
 class PermanentUpstreamError(UpstreamError):
@@ -136,15 +146,31 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def send(
-    client: httpx.Client, provider: str, method: str, url: str, **kwargs: Any
+    client: httpx.Client,
+    provider: str,
+    method: str,
+    url: str,
+    *,
+    operation: str,
+    **kwargs: Any,
 ) -> httpx.Response:
-    """One HTTP call with transport failures, 429 and 5xx turned into TransientUpstreamError."""
+    """One HTTP call with transport failures, 429 and 5xx turned into TransientUpstreamError.
+
+    ``operation`` ("create", "poll", "cancel") labels the call's metrics.
+    """
+    started = time.perf_counter()
+    outcome = "transport_error"  # until an HTTP answer arrives
     try:
         response = client.request(method, url, **kwargs)
+        outcome = upstream_outcome(
+            response.status_code, transient=response.status_code in TRANSIENT_STATUS_CODES
+        )
     except httpx.TimeoutException as exc:
         raise TransientUpstreamError(f"{provider}: timed out ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
         raise TransientUpstreamError(f"{provider}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        observe_upstream(provider, operation, outcome, time.perf_counter() - started)
     if response.status_code in TRANSIENT_STATUS_CODES:
         raise TransientUpstreamError(
             f"{provider}: HTTP {response.status_code}",

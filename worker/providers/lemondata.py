@@ -120,6 +120,7 @@ class LemonDataProvider:
         body = self._call(
             "POST",
             "/v1/images/variations",
+            operation="create",
             data=form,
             files={"image": (request.image.filename, request.image.content, "image/png")},
             timeout=httpx.Timeout(self._create_timeout, connect=10.0),
@@ -154,7 +155,7 @@ class LemonDataProvider:
         for target in targets:
             path = target.poll_url or f"/v1/tasks/{target.upstream_task_id}"
             try:
-                body = self._call("GET", path)
+                body = self._call("GET", path, operation="poll")
             except PermanentUpstreamError as exc:
                 if exc.code != "async_task_not_found":
                     raise
@@ -186,7 +187,7 @@ class LemonDataProvider:
     def cancel(self, target: PollTarget) -> bool:
         return False
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Mapping[str, Any]:
+    def _call(self, method: str, path: str, *, operation: str, **kwargs: Any) -> Mapping[str, Any]:
         if not self._api_key:
             raise ProviderNotConfigured("lemondata: VARIFLOW_LEMONDATA_API_KEY is not set")
         response = send(
@@ -194,6 +195,7 @@ class LemonDataProvider:
             self.name,
             method,
             self._base + path,
+            operation=operation,
             headers={"Authorization": f"Bearer {self._api_key}"},
             **kwargs,
         )

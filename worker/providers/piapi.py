@@ -94,7 +94,7 @@ class PiAPIProvider:
         body: dict[str, Any] = {"model": "midjourney", "task_type": "variation", "input": params}
         if config:
             body["config"] = config
-        data = self._call("POST", "/api/v1/task", json=body)
+        data = self._call("POST", "/api/v1/task", operation="create", json=body)
         state = self.state_from_data(data, Source.SUBMIT)
         if not state.upstream_task_id:
             raise PermanentUpstreamError("piapi: create answered without a task_id")
@@ -103,7 +103,7 @@ class PiAPIProvider:
     def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
         states = {}
         for target in targets:
-            data = self._call("GET", f"/api/v1/task/{target.upstream_task_id}")
+            data = self._call("GET", f"/api/v1/task/{target.upstream_task_id}", operation="poll")
             states[target.upstream_task_id] = self.state_from_data(data, Source.POLL)
         return states
 
@@ -120,7 +120,12 @@ class PiAPIProvider:
 
     def cancel(self, target: PollTarget) -> bool:
         try:
-            self._call("DELETE", f"/api/v1/task/{target.upstream_task_id}", envelope=False)
+            self._call(
+                "DELETE",
+                f"/api/v1/task/{target.upstream_task_id}",
+                operation="cancel",
+                envelope=False,
+            )
         except PermanentUpstreamError:
             return False  # no longer pending upstream: it can't be cancelled there
         return True
@@ -150,7 +155,9 @@ class PiAPIProvider:
             payload={"status": raw_status, "progress": progress, "task_id": task_id},
         )
 
-    def _call(self, method: str, path: str, *, envelope: bool = True, **kwargs: Any) -> Any:
+    def _call(
+        self, method: str, path: str, *, operation: str, envelope: bool = True, **kwargs: Any
+    ) -> Any:
         if not self._api_key:
             raise ProviderNotConfigured("piapi: VARIFLOW_PIAPI_API_KEY is not set")
         response = send(
@@ -158,6 +165,7 @@ class PiAPIProvider:
             self.name,
             method,
             self._base + path,
+            operation=operation,
             headers={"X-API-Key": self._api_key},
             **kwargs,
         )

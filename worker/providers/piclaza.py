@@ -75,7 +75,7 @@ class PiclazaProvider:
             body["image_name"] = request.image.filename
         else:
             body["image_url"] = request.params["image_url"]
-        data = self._call("/task/v1/image/vary", body)
+        data = self._call("/task/v1/image/vary", body, operation="create")
         results = data.get("results")
         item = results[0] if isinstance(results, list) and results else None
         if not isinstance(item, Mapping):
@@ -99,7 +99,7 @@ class PiclazaProvider:
 
     def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
         ids = [t.upstream_task_id for t in targets]
-        data = self._call("/task/v1/image/vary/result", {"task_ids": ids})
+        data = self._call("/task/v1/image/vary/result", {"task_ids": ids}, operation="poll")
         results = data.get("results")
         if not isinstance(results, list):
             raise TransientUpstreamError("piclaza: query answered without results")
@@ -150,7 +150,7 @@ class PiclazaProvider:
         status = JobStatus.PROCESSING if raw == "running" else JobStatus.SUBMITTED
         return UpstreamState(status, Source.POLL, upstream_task_id=task_id, payload=payload)
 
-    def _call(self, path: str, body: dict[str, Any]) -> Mapping[str, Any]:
+    def _call(self, path: str, body: dict[str, Any], *, operation: str) -> Mapping[str, Any]:
         if not self._api_key:
             raise ProviderNotConfigured("piclaza: VARIFLOW_PICLAZA_API_KEY is not set")
         response = send(
@@ -158,6 +158,7 @@ class PiclazaProvider:
             self.name,
             "POST",
             self._base + path,
+            operation=operation,
             json=body,
             headers={"X-API-Key": self._api_key},
         )
