@@ -6,17 +6,17 @@ from typing import Any
 
 from flask import Flask
 
+from webhooks.limits import MAX_BODY_BYTES
 from worker.config import Settings, get_settings
 from worker.logs import configure_logging
-
-MAX_BODY_BYTES = 1024 * 1024
 
 
 def create_app(settings: Settings | None = None, **config: Any) -> Flask:
     settings = settings or get_settings()
     configure_logging(settings)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    # One byte over the limit, so that a chunked body past it is seen (receiver.py).
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     app.config.update(config)
 
     from webhooks.dashboard import bp as dashboard_bp

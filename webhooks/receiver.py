@@ -14,10 +14,11 @@ import logging
 import uuid
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from webhooks.limits import MAX_BODY_BYTES
 from webhooks.metrics import note_webhook_event
 from worker.config import get_settings
 from worker.db import session_scope
@@ -61,9 +62,20 @@ def _parse(provider: Provider) -> UpstreamState | tuple[Response, int]:
         return _error(400, str(exc))
 
 
+def _read_body() -> None:
+    """Read the body first: over 1 MiB is 413 before anything else is looked at.
+
+    Flask raises 413 itself when Content-Length says so; a chunked body has
+    none, and the server's stream then just stops at the limit, so the app's
+    limit is one byte larger (see create_app) and anything past it is refused.
+    """
+    if len(request.get_data(cache=True)) > MAX_BODY_BYTES:
+        abort(413)
+
+
 @bp.post("/<provider_name>/<job_id>")
 def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
-    request.get_data(cache=True)  # reads the body under MAX_CONTENT_LENGTH: 413 first
+    _read_body()
     provider = _webhook_provider(provider_name)
     try:
         job_uuid = uuid.UUID(job_id)
@@ -86,7 +98,7 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
 
 @bp.post("/<provider_name>")
 def global_webhook(provider_name: str) -> ResponseReturnValue:
-    request.get_data(cache=True)
+    _read_body()
     provider = _webhook_provider(provider_name)
     if provider is None:
         return _error(404, "unknown provider")
@@ -102,12 +114,11 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
     if not state.upstream_task_id:
         return _error(400, "the body names no task id")
     with session_scope() as session:
-        job_uuid = session.scalars(
-            select(Job.id).where(
-                Job.provider == provider.name, Job.upstream_task_id == state.upstream_task_id
-            )
+        job = session.scalars(
+            select(Job)
+            .where(Job.provider == provider.name, Job.upstream_task_id == state.upstream_task_id)
+            .with_for_update()
         ).one_or_none()
-        job = lock_job(session, job_uuid) if job_uuid else None
         if job is None:
             return _error(404, "no job for this task id")
         return _apply(job, provider, session, state)
@@ -124,7 +135,8 @@ def _apply(
     if job.upstream_task_id and state.upstream_task_id != job.upstream_task_id:
         return _error(409, "task id does not match this job")
     now = utcnow()
-    job.last_webhook_at = now
+    if not job.is_terminal:  # a late delivery to a finished job changes no column
+        job.last_webhook_at = now
     result = apply_update(session, job, state, now)
     note_webhook_event(result.event)  # for the deliveries metric (webhooks/metrics.py)
     if not job.is_terminal:

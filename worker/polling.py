@@ -27,6 +27,7 @@ from worker.jobs import apply_update, record_event
 from worker.models import Job, utcnow
 from worker.providers import get_provider
 from worker.providers.base import PollTarget, Provider, TransientUpstreamError, UpstreamError
+from worker.results import store_inline
 from worker.states import ACTIVE_UPSTREAM_STATUSES, Source, UpstreamState
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,11 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], settings: Settin
 def _apply_answers(
     chunk: Sequence[PollTarget], states: dict[str, UpstreamState], settings: Settings
 ) -> None:
+    # Inline (base64) results are written before any row is locked.
+    for target in chunk:
+        state = states.get(target.upstream_task_id)
+        if state is not None and state.images:
+            states[target.upstream_task_id] = store_inline(settings, target.job_id, state)
     now = utcnow()
     with session_scope() as session:
         jobs = session.scalars(

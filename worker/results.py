@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from worker.config import Settings
+from worker.states import UpstreamState
 
 
 def job_folder(settings: Settings, job_id: uuid.UUID) -> Path:
     return settings.results_folder / str(job_id)
+
+
+def store_inline(settings: Settings, job_id: uuid.UUID, state: UpstreamState) -> UpstreamState:
+    """A state whose inline images are stored and listed among its image URLs."""
+    if not state.images:
+        return state
+    urls = store_inline_images(settings, job_id, state.images)
+    return replace(state, image_urls=state.image_urls + urls, images=())
 
 
 def store_inline_images(

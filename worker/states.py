@@ -81,6 +81,9 @@ class UpstreamState:
     upstream_task_id: str | None = None
     # A small, redacted summary of what was received, kept in the event.
     payload: Mapping[str, Any] | None = None
+    # Result images the provider sent inline (base64): stored by variflow and
+    # turned into image_urls (worker.results.store_inline) before a transition.
+    images: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 class JobLike(Protocol):

@@ -39,7 +39,7 @@ from worker.providers.base import (
     UpstreamError,
 )
 from worker.providers.http import get_client
-from worker.results import store_inline_images
+from worker.results import store_inline
 from worker.states import JobStatus, Source, UpstreamState
 from worker.sweep import NOT_RESENT, OUTCOME_UNKNOWN, sweep
 
@@ -220,14 +220,11 @@ def _mark_create_started(claim: Claim) -> bool:
 
 def _store_inline_results(claim: Claim, submission: Submission, settings: Settings) -> Submission:
     """Keep images a provider returned inline; a failure here must not re-POST a paid create."""
-    if not submission.images:
-        return submission
     try:
-        urls = store_inline_images(settings, claim.job_id, submission.images)
+        return replace(submission, state=store_inline(settings, claim.job_id, submission.state))
     except OSError as exc:
         log.exception("job %s: could not store inline results", claim.job_id)
         return _failure("result_storage_failed", f"could not store the result images: {exc}")
-    return replace(submission, state=replace(submission.state, image_urls=urls), images=())
 
 
 def _outcome_unknown(claim: Claim, adapter: Provider, reason: str, settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import uuid
@@ -321,6 +322,24 @@ def test_body_over_one_mib_is_413(client: FlaskClient) -> None:
         data=raw,
         content_type="application/json",
         headers={HEADER: SECRET},
+    )
+    assert answer.status_code == 413
+    assert snapshot(job_id) == before
+
+
+def test_chunked_body_over_one_mib_is_413(client: FlaskClient) -> None:
+    # No Content-Length: the server's stream just stops at the limit, so the
+    # receiver must notice the excess itself rather than parse a cut body.
+    job_id = insert_job()
+    before = snapshot(job_id)
+    payload = body("completed", image_urls=URLS)
+    payload["data"]["logs"] = ["x" * MAX_BODY_BYTES]
+    answer = client.post(
+        f"/webhooks/piapi/{job_id}",
+        input_stream=io.BytesIO(json.dumps(payload).encode()),
+        headers={HEADER: SECRET, "Transfer-Encoding": "chunked"},
+        content_type="application/json",
+        environ_overrides={"wsgi.input_terminated": True},
     )
     assert answer.status_code == 413
     assert snapshot(job_id) == before

@@ -7,6 +7,7 @@ rest of variflow reads the capability flags below and calls the protocol.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -76,15 +77,10 @@ class SubmitRequest:
 
 @dataclass(frozen=True)
 class Submission:
-    """What the create call answered: a task to follow, or (sync providers) the end state.
-
-    ``images`` carries result images a provider returned inline (base64), which
-    variflow stores and serves itself.
-    """
+    """What the create call answered: a task to follow, or (sync providers) the end state."""
 
     state: UpstreamState
     poll_url: str | None = None
-    images: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -128,21 +124,23 @@ class Provider(Protocol):
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date)."""
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), clamped to sane bounds."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    if not math.isfinite(seconds):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, seconds))
 
 
 def send(
@@ -165,10 +163,13 @@ def send(
         outcome = upstream_outcome(
             response.status_code, transient=response.status_code in TRANSIENT_STATUS_CODES
         )
-    except httpx.TimeoutException as exc:
-        raise TransientUpstreamError(f"{provider}: timed out ({type(exc).__name__})") from exc
-    except httpx.TransportError as exc:
+    except NOT_SENT as exc:
         raise TransientUpstreamError(f"{provider}: {type(exc).__name__}: {exc}") from exc
+    except httpx.TransportError as exc:
+        # Sent, but no answer: the provider may have acted on it.
+        raise TransientUpstreamError(
+            f"{provider}: no answer ({type(exc).__name__})", maybe_processed=True
+        ) from exc
     finally:
         observe_upstream(provider, operation, outcome, time.perf_counter() - started)
     if response.status_code in TRANSIENT_STATUS_CODES:
@@ -180,6 +181,13 @@ def send(
     return response
 
 
+# Failures that happen before the request reaches the provider: always safe to retry.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+# Bounds on a provider's Retry-After: never a busy loop, never past Redis's
+# visibility timeout (a longer countdown would be delivered twice).
+RETRY_AFTER_MIN, RETRY_AFTER_MAX = 1.0, 1800.0
+
+
 def json_body(response: httpx.Response, provider: str) -> Any:
     """The JSON body; None for an error answer without one (the status says enough)."""
     try:
@@ -187,9 +195,10 @@ def json_body(response: httpx.Response, provider: str) -> Any:
     except ValueError as exc:
         if not response.is_success:
             return None
-        # A 2xx with a broken body is most likely a proxy or truncation glitch.
+        # A 2xx with a broken body: a glitch, but the provider did act on it.
         raise TransientUpstreamError(
-            f"{provider}: HTTP {response.status_code} with a body that is not JSON"
+            f"{provider}: HTTP {response.status_code} with a body that is not JSON",
+            maybe_processed=True,
         ) from exc
 
 

@@ -129,7 +129,7 @@ class LemonDataProvider:
             task_id = str(body.get("task_id") or "")
             if not task_id:
                 raise PermanentUpstreamError("lemondata: asynchronous answer without a task_id")
-            poll_url = str(body.get("poll_url") or f"/v1/tasks/{task_id}")
+            poll_url = _own_path(body.get("poll_url")) or f"/v1/tasks/{task_id}"
             return Submission(
                 state=UpstreamState(
                     JobStatus.SUBMITTED,
@@ -146,8 +146,8 @@ class LemonDataProvider:
                 Source.SUBMIT,
                 image_urls=urls,
                 payload={"sync": True, "images": len(urls) + len(images)},
+                images=images,
             ),
-            images=images,
         )
 
     def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
@@ -169,12 +169,13 @@ class LemonDataProvider:
                 continue
             raw = str(body.get("status") or "").lower()
             status = _STATUS.get(raw, JobStatus.SUBMITTED)
-            urls, _ = _results(body) if status is JobStatus.COMPLETED else ((), ())
+            urls, images = _results(body) if status is JobStatus.COMPLETED else ((), ())
             error = body.get("error")
             states[target.upstream_task_id] = UpstreamState(
                 status,
                 Source.POLL,
                 image_urls=urls,
+                images=images,
                 error_message=error_message(body) if error else None,
                 upstream_task_id=target.upstream_task_id,
                 payload={"status": raw, "task_id": target.upstream_task_id},
@@ -208,6 +209,17 @@ class LemonDataProvider:
                 code=str(code) if code else "upstream_rejected",
             )
         return body
+
+
+def _own_path(value: object) -> str | None:
+    """A poll_url we may follow: a path on the provider's own host, nothing else.
+
+    The API key goes with every poll, so "//elsewhere" or "@elsewhere" must
+    never become part of the URL.
+    """
+    if isinstance(value, str) and value.startswith("/") and not value.startswith("//"):
+        return value
+    return None
 
 
 def _results(body: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[bytes, ...]]:

@@ -34,6 +34,10 @@ _STATUS = {
     "completed": JobStatus.COMPLETED,
     "failed": JobStatus.FAILED,
 }
+TASK_NOT_FOUND = "task_not_found"
+NOT_CANCELLABLE = "not_cancellable"
+# Only cancel answers 400 for a task past pending; elsewhere 400 is a bad request.
+_ERROR_CODES = {404: TASK_NOT_FOUND}
 _PARAMS = {"origin_task_id", "index", "prompt", "aspect_ratio", "skip_prompt_check", "service_mode"}
 
 
@@ -103,7 +107,22 @@ class PiAPIProvider:
     def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
         states = {}
         for target in targets:
-            data = self._call("GET", f"/api/v1/task/{target.upstream_task_id}", operation="poll")
+            try:
+                data = self._call(
+                    "GET", f"/api/v1/task/{target.upstream_task_id}", operation="poll"
+                )
+            except PermanentUpstreamError as exc:
+                if exc.code != TASK_NOT_FOUND:
+                    raise
+                # PiAPI deletes tasks after a while: polling it again cannot help.
+                states[target.upstream_task_id] = UpstreamState(
+                    JobStatus.FAILED,
+                    Source.POLL,
+                    error_code=TASK_NOT_FOUND,
+                    error_message=exc.message,
+                    upstream_task_id=target.upstream_task_id,
+                )
+                continue
             states[target.upstream_task_id] = self.state_from_data(data, Source.POLL)
         return states
 
@@ -125,9 +144,12 @@ class PiAPIProvider:
                 f"/api/v1/task/{target.upstream_task_id}",
                 operation="cancel",
                 envelope=False,
+                bad_request_code=NOT_CANCELLABLE,
             )
-        except PermanentUpstreamError:
-            return False  # no longer pending upstream: it can't be cancelled there
+        except PermanentUpstreamError as exc:
+            if exc.code in (NOT_CANCELLABLE, TASK_NOT_FOUND):
+                return False  # no longer pending (or gone) upstream
+            raise
         return True
 
     def state_from_data(self, data: Mapping[str, Any], source: Source) -> UpstreamState:
@@ -156,7 +178,14 @@ class PiAPIProvider:
         )
 
     def _call(
-        self, method: str, path: str, *, operation: str, envelope: bool = True, **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        *,
+        operation: str,
+        envelope: bool = True,
+        bad_request_code: str = "upstream_rejected",
+        **kwargs: Any,
     ) -> Any:
         if not self._api_key:
             raise ProviderNotConfigured("piapi: VARIFLOW_PIAPI_API_KEY is not set")
@@ -175,7 +204,9 @@ class PiAPIProvider:
             message = body.get("message") if isinstance(body, Mapping) else None
             raise PermanentUpstreamError(
                 f"piapi: {message or 'error'} (HTTP {response.status_code}, code {code})",
-                code="upstream_rejected",
+                code=bad_request_code
+                if response.status_code == 400
+                else _ERROR_CODES.get(response.status_code, "upstream_rejected"),
             )
         if not envelope:
             return body
