@@ -18,5 +18,6 @@ def result_image(job_id: str, name: str) -> ResponseReturnValue:
         folder = get_settings().results_folder / str(uuid.UUID(job_id))
     except ValueError:
         abort(404)
-    # send_from_directory refuses names that escape the folder.
-    return send_from_directory(folder, name, mimetype="image/png", max_age=3600)
+    # send_from_directory refuses names that escape the folder, and types the
+    # file by its extension (archives keep png, jpg or webp as the provider sent).
+    return send_from_directory(folder, name, max_age=3600)

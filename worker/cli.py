@@ -342,7 +342,7 @@ def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None
         for url in job.archived_urls:
             local = settings.results_folder / url.split("/results/", 1)[-1]
             click.echo(f"archived: {local}")
-    if exit_on_failure and job.status in ("failed", "cancelled"):
+    if exit_on_failure and job.status == "failed":
         sys.exit(1)
 
 

@@ -333,7 +333,14 @@ def _finalize_after_commit(job: TerminalJob) -> None:
         )
 
 
-@app.task(name="variflow.finalize_job", bind=True, max_retries=None, soft_time_limit=900)
+# Own time limits: downloads for the archive may outlast the submit-sized defaults.
+@app.task(
+    name="variflow.finalize_job",
+    bind=True,
+    max_retries=None,
+    soft_time_limit=900,
+    time_limit=960,
+)
 def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
     """A job ended: archive its results, then tell the application (task and/or notify_url).
 

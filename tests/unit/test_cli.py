@@ -1,0 +1,684 @@
+"""The `variflow` command (worker/cli.py) through click's CliRunner, on the embedded SQLite.
+
+Exit codes: 0 ok, 1 the job failed, 2 a usage or input error whose message names the field.
+A valid submit sends its Celery message to the filesystem broker under VARIFLOW_HOME (a
+temporary folder): nothing runs it, which is harmless here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from PIL import Image
+from sqlalchemy import func, select, update
+
+from worker.api import JobInfo, get_job, submit_variation
+from worker.cli import cli
+from worker.config import ConfigError, Settings
+from worker.db import session_scope
+from worker.jobs import apply_update, lock_job
+from worker.models import Job, JobEvent
+from worker.states import JobStatus, Source, UpstreamState
+
+Configure = Callable[..., Settings]
+
+PIAPI = ["piapi", "--origin-task-id", "imagine-1", "--index", "1", "--prompt", "a red fox"]
+PIAPI_FIELDS: dict[str, Any] = {"origin_task_id": "imagine-1", "index": "1", "prompt": "a fox"}
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def db(sqlite_url: str) -> Iterator[str]:
+    yield sqlite_url
+
+
+def run(runner: CliRunner, *args: str) -> Result:
+    return runner.invoke(cli, list(args), prog_name="variflow")
+
+
+def job_count() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count()).select_from(Job)) or 0)
+
+
+def event_count() -> int:
+    with session_scope() as session:
+        return int(session.scalar(select(func.count()).select_from(JobEvent)) or 0)
+
+
+def square_png(path: Path, size: int = 32) -> Path:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (10, 120, 200)).save(buffer, format="PNG")
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def finish(job_id: uuid.UUID, state: UpstreamState) -> JobInfo:
+    """Move a job on the way a worker would: apply_update on the locked row."""
+    with session_scope() as session:
+        job = lock_job(session, job_id)
+        assert job is not None
+        assert apply_update(session, job, state).applied
+    return get_job(job_id)
+
+
+def fail(job_id: uuid.UUID) -> JobInfo:
+    return finish(
+        job_id,
+        UpstreamState(
+            JobStatus.FAILED,
+            Source.POLL,
+            error_code="upstream_failed",
+            error_message="the provider lost the image",
+        ),
+    )
+
+
+def complete(job_id: uuid.UUID) -> JobInfo:
+    return finish(
+        job_id,
+        UpstreamState(
+            JobStatus.COMPLETED,
+            Source.POLL,
+            upstream_task_id=f"task-{job_id.hex[:8]}",
+            image_urls=("https://cdn.example.test/1.png", "https://cdn.example.test/2.png"),
+        ),
+    )
+
+
+def set_created_at(job_id: uuid.UUID, when: datetime) -> None:
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(created_at=when))
+
+
+# --- submit: input errors exit 2, name the field, store nothing -------------------------
+
+BAD_SUBMITS: list[tuple[list[str], str]] = [
+    (["piapi", "--origin-task-id", "o", "--index", "9", "--prompt", "p"], "index"),
+    (["piapi", "--origin-task-id", "o", "--index", "1"], "prompt"),
+    (["piapi", "--index", "1", "--prompt", "p"], "origin_task_id"),
+    ([*PIAPI, "--aspect-ratio", "wide"], "aspect_ratio"),
+    ([*PIAPI, "--image", "https://example.test/cat.png"], "image"),
+    ([*PIAPI, "--deadline", "-5"], "deadline"),
+    ([*PIAPI, "--idempotency-key", ""], "idempotency_key"),
+    ([*PIAPI, "--notify-url", "ftp://example.test/hook"], "notify_url"),
+    ([*PIAPI, "--notify-url", "not a url"], "notify_url"),
+    ([*PIAPI, "--on-complete-task", "  "], "on_complete_task"),
+    (["lemondata", "--image", "https://example.test/cat.png", "--n", "11"], "n"),
+    (["lemondata", "--image", "https://example.test/cat.png", "--n", "0"], "n"),
+    (["lemondata", "--image", "https://example.test/cat.png", "--size", "7x7"], "size"),
+    (
+        ["lemondata", "--image", "https://example.test/cat.png", "--response-format", "gif"],
+        "response_format",
+    ),
+    (["lemondata"], "image"),
+    (["piclaza"], "image"),
+    (["piclaza", "--image", "./no/such/file.png"], "image"),
+    (["piclaza", "--image", "ftp://example.test/cat.png"], "image"),
+]
+
+
+@pytest.mark.usefixtures("db")
+@pytest.mark.parametrize(
+    ("args", "field"), BAD_SUBMITS, ids=[f"{a[0]}-{f}-{i}" for i, (a, f) in enumerate(BAD_SUBMITS)]
+)
+def test_bad_submit_exits_2_naming_the_field_and_stores_nothing(
+    runner: CliRunner, args: list[str], field: str
+) -> None:
+    result = run(runner, "submit", *args)
+
+    assert result.exit_code == 2, result.output
+    assert f"{field}:" in result.output
+    assert "Traceback" not in result.output
+    assert (job_count(), event_count()) == (0, 0)
+
+
+@pytest.mark.usefixtures("db")
+@pytest.mark.parametrize("provider", ["nope", "PIAPI", "midjourney"])
+def test_submit_to_an_unknown_provider_exits_2(runner: CliRunner, provider: str) -> None:
+    result = run(runner, "submit", provider, "--prompt", "p")
+
+    assert result.exit_code == 2, result.output
+    assert f"{provider!r} is not one of 'piapi', 'piclaza', 'lemondata'" in result.output
+    assert job_count() == 0
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_with_a_non_numeric_n_exits_2_naming_the_option(runner: CliRunner) -> None:
+    result = run(runner, "submit", "lemondata", "--image", "https://example.test/a.png", "--n", "x")
+
+    assert result.exit_code == 2, result.output
+    assert "--n" in result.output
+    assert job_count() == 0
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_a_provider_that_is_not_enabled_exits_2(
+    runner: CliRunner, configure: Configure
+) -> None:
+    configure(providers="piclaza")
+
+    result = run(runner, "submit", *PIAPI)
+
+    assert result.exit_code == 2, result.output
+    assert "provider:" in result.output
+    assert "VARIFLOW_PROVIDERS" in result.output
+    assert job_count() == 0
+
+
+# --- submit: a valid job ----------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("db")
+def test_valid_submit_prints_the_job_id(runner: CliRunner) -> None:
+    result = run(runner, "submit", *PIAPI, "--idempotency-key", "order-1", "--deadline", "120")
+
+    assert result.exit_code == 0, result.output
+    job_id = uuid.UUID(result.output.strip())
+    job = get_job(job_id)
+    assert job.status == "queued"
+    assert job.provider == "piapi"
+    assert job.params == {"origin_task_id": "imagine-1", "index": "1", "prompt": "a red fox"}
+    assert job.idempotency_key == "order-1"
+    remaining = job.deadline - datetime.now(UTC)
+    assert timedelta(seconds=100) < remaining <= timedelta(seconds=120)
+    assert job_count() == 1
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_with_the_same_idempotency_key_prints_the_same_id(runner: CliRunner) -> None:
+    first = run(runner, "submit", *PIAPI, "--idempotency-key", "k-7")
+    second = run(runner, "submit", *PIAPI, "--idempotency-key", "k-7")
+
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    assert first.output == second.output
+    assert job_count() == 1
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_json_prints_the_stored_job(runner: CliRunner) -> None:
+    result = run(
+        runner,
+        "submit",
+        *PIAPI,
+        "--notify-url",
+        "https://app.example.test/hooks/variflow",
+        "--on-complete-task",
+        "myapp.done",
+        "--json",
+    )
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["status"] == "queued"
+    assert data["provider"] == "piapi"
+    assert data["params"]["prompt"] == "a red fox"
+    assert data["result_urls"] == [] and data["archived_urls"] == []
+    assert [(e["source"], e["to_status"]) for e in data["events"]] == [("api", "queued")]
+    stored = get_job(data["id"])
+    assert stored.status == "queued"
+    with session_scope() as session:
+        job = session.get(Job, stored.id)
+        assert job is not None
+        assert job.notify_url == "https://app.example.test/hooks/variflow"
+        assert job.on_complete_task == "myapp.done"
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_a_local_image_file(runner: CliRunner, tmp_path: Path) -> None:
+    image = square_png(tmp_path / "cat.png")
+
+    piclaza = run(runner, "submit", "piclaza", "--image", str(image))
+    lemondata = run(runner, "submit", "lemondata", "--image", str(image), "--n", "2")
+
+    assert piclaza.exit_code == 0, piclaza.output
+    assert lemondata.exit_code == 0, lemondata.output
+    assert get_job(piclaza.output.strip()).provider == "piclaza"
+    job = get_job(lemondata.output.strip())
+    assert job.params["n"] == 2
+    assert "image_url" not in job.params  # the file's bytes are stored with the job
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_a_non_square_png_to_lemondata_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40, 20)).save(path, format="PNG")
+
+    result = run(runner, "submit", "lemondata", "--image", str(path))
+
+    assert result.exit_code == 2, result.output
+    assert "image:" in result.output and "square" in result.output
+    assert job_count() == 0
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("db")
+def test_status_shows_the_timeline(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+    done = complete(job.id)
+
+    result = run(runner, "status", str(job.id))
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == [str(job.id), "piapi", "completed", "100%"]
+    timeline = [line for line in lines if line.startswith("  ")]
+    assert len(timeline) == len(done.events) == 2
+    assert "api" in timeline[0] and "- -> queued" in timeline[0] and "(accepted)" in timeline[0]
+    assert "poll" in timeline[1] and "queued -> completed" in timeline[1]
+    assert "status: completed" in result.output
+    assert "result:   https://cdn.example.test/1.png" in result.output
+    assert "result:   https://cdn.example.test/2.png" in result.output
+
+
+@pytest.mark.usefixtures("db")
+def test_status_json_parses(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+    complete(job.id)
+
+    result = run(runner, "status", str(job.id), "--json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["id"] == str(job.id)
+    assert data["status"] == "completed"
+    assert data["progress"] == 100
+    assert data["result_urls"] == [
+        "https://cdn.example.test/1.png",
+        "https://cdn.example.test/2.png",
+    ]
+    assert [e["to_status"] for e in data["events"]] == ["queued", "completed"]
+    datetime.fromisoformat(data["completed_at"])
+
+
+@pytest.mark.usefixtures("db")
+def test_status_of_a_failed_job_exits_1(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+    fail(job.id)
+
+    text = run(runner, "status", str(job.id))
+    as_json = run(runner, "status", str(job.id), "--json")
+
+    assert text.exit_code == 1, text.output
+    assert "status: failed" in text.output
+    assert "error:  upstream_failed: the provider lost the image" in text.output
+    assert "queued -> failed" in text.output
+    assert as_json.exit_code == 1, as_json.output
+    data = json.loads(as_json.output)
+    assert (data["status"], data["error_code"]) == ("failed", "upstream_failed")
+
+
+@pytest.mark.usefixtures("db")
+def test_status_of_a_queued_job_exits_0(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+
+    result = run(runner, "status", str(job.id))
+
+    assert result.exit_code == 0, result.output
+    assert "status: queued" in result.output
+
+
+@pytest.mark.usefixtures("db")
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid"])
+def test_status_of_an_unknown_job_exits_2(runner: CliRunner, job_id: str) -> None:
+    result = run(runner, "status", job_id)
+
+    assert result.exit_code == 2, result.output
+    assert "JOB_ID" in result.output
+    assert f"no job with id {job_id}" in result.output
+    assert "Traceback" not in result.output
+
+
+# --- list -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def some_jobs(db: str, tmp_path: Path) -> dict[str, uuid.UUID]:
+    """A queued piapi job, a completed piclaza job, a failed piapi job three days old."""
+    image = square_png(tmp_path / "in.png")
+    queued = submit_variation("piapi", **PIAPI_FIELDS)
+    done = submit_variation("piclaza", image=image)
+    complete(done.id)
+    old = submit_variation("piapi", **{**PIAPI_FIELDS, "prompt": "an old fox"})
+    fail(old.id)
+    set_created_at(old.id, datetime.now(UTC) - timedelta(days=3))
+    return {"queued": queued.id, "completed": done.id, "failed": old.id}
+
+
+def listed(result: Result) -> list[str]:
+    """The job ids of a text listing, in order (the header line skipped)."""
+    lines = result.output.splitlines()
+    assert lines[0].split()[:3] == ["ID", "PROVIDER", "STATUS"]
+    return [line.split()[0] for line in lines[1:]]
+
+
+def listed_json(result: Result) -> list[str]:
+    return [job["id"] for job in json.loads(result.output)]
+
+
+def test_list_shows_every_job_newest_first(
+    runner: CliRunner, some_jobs: dict[str, uuid.UUID]
+) -> None:
+    result = run(runner, "list")
+
+    assert result.exit_code == 0, result.output
+    assert listed(result) == [
+        str(some_jobs["completed"]),
+        str(some_jobs["queued"]),
+        str(some_jobs["failed"]),
+    ]
+    failed_line = next(
+        line for line in result.output.splitlines() if str(some_jobs["failed"]) in line
+    )
+    assert "piapi" in failed_line and "failed" in failed_line and "upstream_failed" in failed_line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--status", "failed"], ["failed"]),
+        (["--status", "queued", "--status", "completed"], ["completed", "queued"]),
+        (["--status", "cancelled"], []),
+        (["--provider", "piclaza"], ["completed"]),
+        (["--provider", "piapi"], ["queued", "failed"]),
+        (["--provider", "lemondata"], []),
+        (["--since", "1d"], ["completed", "queued"]),
+        (["--since", "90m"], ["completed", "queued"]),
+        (["--since", "4d"], ["completed", "queued", "failed"]),
+        (["--since", "2000-01-01"], ["completed", "queued", "failed"]),
+        (["--since", "2999-01-01T00:00:00+00:00"], []),
+        (["--provider", "piapi", "--since", "2h"], ["queued"]),
+        (["--provider", "piapi", "--status", "failed", "--since", "7d"], ["failed"]),
+        (["--limit", "1"], ["completed"]),
+    ],
+)
+def test_list_filters(
+    runner: CliRunner, some_jobs: dict[str, uuid.UUID], args: list[str], expected: list[str]
+) -> None:
+    want = [str(some_jobs[name]) for name in expected]
+
+    text = run(runner, "list", *args)
+    as_json = run(runner, "list", *args, "--json")
+
+    assert text.exit_code == 0, text.output
+    assert listed(text) == want
+    assert as_json.exit_code == 0, as_json.output
+    assert listed_json(as_json) == want
+
+
+def test_list_json_carries_the_fields(runner: CliRunner, some_jobs: dict[str, uuid.UUID]) -> None:
+    result = run(runner, "list", "--status", "completed", "--json")
+
+    assert result.exit_code == 0, result.output
+    [job] = json.loads(result.output)
+    assert job["provider"] == "piclaza"
+    assert job["status"] == "completed"
+    assert len(job["result_urls"]) == 2
+    assert job["events"] == []  # listings carry no timeline
+
+
+@pytest.mark.usefixtures("db")
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--since", "yesterday"], "--since"),
+        (["--since", "5w"], "--since"),
+        (["--status", "done"], "--status"),
+        (["--provider", "dalle"], "--provider"),
+        (["--limit", "0"], "--limit"),
+    ],
+)
+def test_list_with_a_bad_filter_exits_2_naming_it(
+    runner: CliRunner, args: list[str], option: str
+) -> None:
+    result = run(runner, "list", *args)
+
+    assert result.exit_code == 2, result.output
+    assert option in result.output
+
+
+@pytest.mark.usefixtures("db")
+def test_list_of_no_jobs(runner: CliRunner) -> None:
+    text = run(runner, "list")
+    as_json = run(runner, "list", "--json")
+
+    assert text.exit_code == 0 and listed(text) == []
+    assert as_json.exit_code == 0 and json.loads(as_json.output) == []
+
+
+# --- cancel -----------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("db")
+def test_cancel_a_queued_job(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+
+    result = run(runner, "cancel", str(job.id))
+
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(job.id), "cancelled"]
+    cancelled = get_job(job.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.error_code == "cancelled"
+    assert [(e.source, e.to_status) for e in cancelled.events][-1] == ("cancel", "cancelled")
+
+
+@pytest.mark.usefixtures("db")
+def test_cancel_leaves_a_finished_job_as_it_is(runner: CliRunner) -> None:
+    job = submit_variation("piapi", **PIAPI_FIELDS)
+    complete(job.id)
+
+    result = run(runner, "cancel", str(job.id))
+
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [str(job.id), "completed"]
+    assert get_job(job.id).status == "completed"
+
+
+@pytest.mark.usefixtures("db")
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "42"])
+def test_cancel_an_unknown_job_exits_2(runner: CliRunner, job_id: str) -> None:
+    result = run(runner, "cancel", job_id)
+
+    assert result.exit_code == 2, result.output
+    assert "JOB_ID" in result.output
+    assert f"no job with id {job_id}" in result.output
+
+
+# --- help -------------------------------------------------------------------------------
+
+HELP: list[tuple[list[str], str]] = [
+    ([], "image-variation jobs"),
+    (["submit"], "Submit a variation job"),
+    (["status"], "Show a job and its timeline"),
+    (["list"], "List jobs"),
+    (["cancel"], "Cancel a job"),
+    (["serve"], "webhook receiver"),
+    (["sandbox"], "emulator of the three provider APIs"),
+    (["db"], "Database schema"),
+    (["db", "upgrade"], "Apply migrations"),
+    (["demo"], "one job per provider"),
+    (["dev"], "sandbox + webhooks + worker + beat"),
+    (["flower"], "Run Flower with basic auth"),
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "text"), HELP, ids=[" ".join(c) or "variflow" for c, _ in HELP]
+)
+def test_help(runner: CliRunner, command: list[str], text: str) -> None:
+    result = run(runner, *command, "--help")
+
+    assert result.exit_code == 0, result.output
+    assert text in " ".join(result.output.split())
+    assert "Usage: variflow" in result.output
+
+
+def test_top_level_help_lists_every_command(runner: CliRunner) -> None:
+    result = run(runner, "--help")
+
+    assert result.exit_code == 0
+    for command in ("submit", "status", "list", "cancel", "serve", "sandbox", "db", "demo"):
+        assert f"  {command} " in result.output, command
+    assert "  dev " in result.output and "  flower " in result.output
+
+
+def test_submit_help_documents_the_provider_fields(runner: CliRunner) -> None:
+    result = run(runner, "submit", "--help")
+
+    for option in ("--origin-task-id", "--index", "--prompt", "--image", "--n", "--size"):
+        assert option in result.output
+    for option in ("--notify-url", "--on-complete-task", "--wait", "--json", "--deadline"):
+        assert option in result.output
+
+
+def test_unknown_command_exits_2(runner: CliRunner) -> None:
+    result = run(runner, "frobnicate")
+
+    assert result.exit_code == 2
+    assert "frobnicate" in result.output
+
+
+# --- flower and serve: never exec what they must not ------------------------------------
+
+
+class Exec:
+    """Stands in for os.execvp, which would replace the test process."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, file: str, argv: list[str]) -> None:
+        self.calls.append((file, list(argv)))
+
+
+@pytest.fixture
+def execvp(monkeypatch: pytest.MonkeyPatch) -> Exec:
+    recorder = Exec()
+    monkeypatch.setattr("worker.cli.os.execvp", recorder)
+    # The command sets FLOWER_BASIC_AUTH; this makes monkeypatch remove it afterwards.
+    monkeypatch.setenv("FLOWER_BASIC_AUTH", "placeholder")
+    return recorder
+
+
+@pytest.mark.parametrize("auth", [None, "", "no-colon-here"])
+def test_flower_without_basic_auth_exits_2_and_does_not_start(
+    runner: CliRunner, configure: Configure, execvp: Exec, auth: str | None
+) -> None:
+    if auth is not None:
+        configure(flower_basic_auth=auth)
+
+    result = run(runner, "flower")
+
+    assert result.exit_code == 2, result.output
+    assert "VARIFLOW_FLOWER_BASIC_AUTH" in result.output
+    assert "never run open" in result.output
+    assert execvp.calls == []
+
+
+def test_flower_with_basic_auth_passes_it_through_the_environment(
+    runner: CliRunner, configure: Configure, execvp: Exec
+) -> None:
+    configure(flower_basic_auth="ops:s3cret-pw")
+
+    result = run(runner, "flower", "--port", "5599", "--url_prefix=flower")
+
+    assert result.exit_code == 0, result.output
+    [(_, argv)] = execvp.calls
+    assert argv[1:] == [
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "flower",
+        "--port=5599",
+        "--url_prefix=flower",
+    ]
+    assert not any("s3cret-pw" in arg for arg in argv)  # argv is visible to every local user
+    assert os.environ["FLOWER_BASIC_AUTH"] == "ops:s3cret-pw"
+
+
+def test_serve_binds_the_configured_port(
+    runner: CliRunner, configure: Configure, execvp: Exec
+) -> None:
+    configure(port=8765, host="0.0.0.0")
+
+    default = run(runner, "serve")
+    explicit = run(runner, "serve", "--port", "9001", "--workers", "3")
+
+    assert default.exit_code == explicit.exit_code == 0, default.output + explicit.output
+    (_, first), (_, second) = execvp.calls
+    assert first[first.index("--bind") + 1] == "0.0.0.0:8765"
+    assert second[second.index("--bind") + 1] == "0.0.0.0:9001"
+    assert second[second.index("--workers") + 1] == "3"
+    assert first[-1] == "webhooks.wsgi:app"
+
+
+# --- configuration errors: exit 2 naming the variable -----------------------------------
+
+
+@pytest.mark.parametrize("value", ["not a url", "ftp://example.test", "http://"])
+@pytest.mark.parametrize(
+    "command",
+    [["status", str(uuid.UUID(int=1))], ["list"], ["submit", *PIAPI], ["serve"], ["db", "upgrade"]],
+    ids=["status", "list", "submit", "serve", "db-upgrade"],
+)
+def test_a_bad_public_url_exits_2_naming_the_variable(
+    runner: CliRunner, configure: Configure, execvp: Exec, value: str, command: list[str]
+) -> None:
+    with pytest.raises(ConfigError):
+        configure(public_url=value)
+
+    result = run(runner, *command)
+
+    assert result.exit_code == 2, result.output
+    assert "VARIFLOW_PUBLIC_URL" in result.output
+    assert "Traceback" not in result.output
+    assert execvp.calls == []
+
+
+def test_a_bad_port_exits_2_naming_the_variable(
+    runner: CliRunner, configure: Configure, execvp: Exec
+) -> None:
+    with pytest.raises(ConfigError):
+        configure(port="99999")
+
+    result = run(runner, "serve")
+
+    assert result.exit_code == 2, result.output
+    assert "VARIFLOW_PORT" in result.output
+    assert execvp.calls == []
+
+
+# --- db upgrade -------------------------------------------------------------------------
+
+
+def test_db_upgrade_creates_the_schema(
+    runner: CliRunner, configure: Configure, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'v.db'}"
+    configure(database_url=url)
+
+    result = run(runner, "db", "upgrade")
+
+    assert result.exit_code == 0, result.output
+    assert "database at revision head" in result.output
+    assert (tmp_path / "fresh" / "v.db").is_file()
+    assert job_count() == 0  # the tables exist
+    again = run(runner, "db", "upgrade")
+    assert again.exit_code == 0, again.output
