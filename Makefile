@@ -25,6 +25,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py
+	$(BIN)/python bench/poll_sweep.py
 
 clean:
 	rm -rf $(VENV) .variflow .pytest_cache .mypy_cache .ruff_cache
