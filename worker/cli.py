@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from sqlalchemy.engine import make_url
 
 from worker.config import KNOWN_PROVIDERS, ConfigError, get_settings, reset_settings
 from worker.states import JobStatus
@@ -113,9 +114,15 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations to VARIFLOW_DATABASE_URL (the embedded SQLite by default)."""
+    from sqlalchemy.exc import OperationalError
+
     from worker.migrate import upgrade
 
-    upgrade(get_settings().database_url, revision)
+    try:
+        upgrade(get_settings().database_url, revision)
+    except OperationalError as exc:
+        # Unreachable server, unknown database, refused login: say so in a line.
+        raise click.ClickException(f"cannot reach the database: {exc.orig or exc}") from None
     click.echo(f"database at revision {revision}")
 
 
@@ -271,7 +278,8 @@ def demo(keep: bool) -> None:
     os.environ.update(env)
     reset_settings()
     settings = get_settings()
-    click.echo(f"database: {settings.database_url}")
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    click.echo(f"database: {shown}")
     click.echo(f"broker:   {settings.broker_url} ({settings.broker_folder})")
     click.echo(f"results:  {settings.results_folder}")
     upgrade(settings.database_url)

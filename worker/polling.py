@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import func, select, update
 
 from worker.config import Settings
@@ -127,6 +128,8 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], settings: Settin
         except UpstreamError as exc:
             _reschedule(chunk, exc, settings)
             continue
+        except SoftTimeLimitExceeded:
+            raise  # the task is out of time: the rest stays leased and is polled later
         except Exception as exc:
             log.exception("poll of %d %s job(s) failed unexpectedly", len(chunk), provider_name)
             _reschedule(chunk, UpstreamError(f"internal error: {exc!r}"), settings)

@@ -37,6 +37,7 @@ class SweepReport:
     rescheduled: list[uuid.UUID] = field(default_factory=list)
     unknown: list[uuid.UUID] = field(default_factory=list)
     refinalize: list[uuid.UUID] = field(default_factory=list)
+    providers: dict[uuid.UUID, str] = field(default_factory=dict)
 
     @property
     def to_submit(self) -> list[uuid.UUID]:
@@ -93,6 +94,7 @@ def sweep(settings: Settings) -> SweepReport:
             job.claimed_until = None
             record_event(session, job, Source.SWEEP, "submit claim expired; released for retry")
             report.released.append(job.id)
+            report.providers[job.id] = job.provider
 
         # Queued, unclaimed and not touched for a while: its message was lost.
         lost = select(Job).where(
@@ -109,6 +111,7 @@ def sweep(settings: Settings) -> SweepReport:
             job.updated_at = now  # the next sweep waits another grace period
             record_event(session, job, Source.SWEEP, "submit message overdue; sent again")
             report.resent.append(job.id)
+            report.providers[job.id] = job.provider
 
         # In flight upstream but never scheduled for a poll: schedule it now.
         unscheduled = select(Job).where(

@@ -431,12 +431,12 @@ def sweep_jobs() -> dict[str, int]:
     fail overdue jobs (and cancel them upstream where the provider can)."""
     report = sweep(get_settings())
     for job_id in report.to_submit:
-        send_submit(job_id, "")
+        send_submit(job_id, report.providers.get(job_id, ""))
     for job_id in report.refinalize:
         finalize_job.delay(str(job_id))
     for job_id in report.timed_out:
         send_cancel_upstream(job_id)
-    counts = {k: len(v) for k, v in vars(report).items()}
+    counts = {k: len(v) for k, v in vars(report).items() if k != "providers"}
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
