@@ -56,10 +56,14 @@ def test_submit_stores_a_queued_job_with_its_event() -> None:
 
 @pytest.mark.parametrize(
     "deadline",
-    [timedelta(minutes=5), 300, 300.5, datetime.now(UTC) + timedelta(minutes=5)],
+    # The datetime form is built when the test runs, not at collection time:
+    # other tests may run for minutes in between.
+    [timedelta(minutes=5), 300, 300.5, "aware-datetime"],
     ids=["timedelta", "int", "float", "datetime"],
 )
 def test_deadline_forms(deadline: Any) -> None:
+    if deadline == "aware-datetime":
+        deadline = datetime.now(UTC) + timedelta(minutes=5)
     job = submit(deadline=deadline)
     remaining = job.deadline - datetime.now(UTC)
     assert timedelta(minutes=4) < remaining <= timedelta(minutes=5, seconds=1)
