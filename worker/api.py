@@ -223,24 +223,19 @@ def list_jobs(
 
 def cancel_job(job_id: uuid.UUID | str, reason: str = "cancelled by request") -> JobInfo:
     """Cancel a job at once; a task already created upstream is cancelled there on a
-    best-effort basis (by a worker). A terminal job is left as it is."""
+    best-effort basis (by a worker, in finalize_job). A terminal job is left as it is."""
     job_uuid = _as_uuid(job_id)
     with session_scope() as session:
         job = lock_job(session, job_uuid)
         if job is None:
             raise JobNotFound(job_id)
-        result = apply_update(
+        apply_update(
             session,
             job,
             UpstreamState(
                 JobStatus.CANCELLED, Source.CANCEL, error_code="cancelled", error_message=reason
             ),
         )
-        upstream = result.applied and job.upstream_task_id is not None
-    if upstream:
-        from worker.tasks import send_cancel_upstream
-
-        send_cancel_upstream(job_uuid)
     return get_job(job_uuid)
 
 

@@ -41,7 +41,7 @@ from worker.providers.base import (
 from worker.providers.http import get_client
 from worker.results import store_inline
 from worker.states import JobStatus, Source, UpstreamState
-from worker.sweep import NOT_RESENT, OUTCOME_UNKNOWN, sweep
+from worker.sweep import NOT_RESENT, OUTCOME_UNKNOWN, TIMEOUT, sweep
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,6 @@ def send_submit(job_id: uuid.UUID, provider: str) -> bool:
         )
         return False
     return True
-
-
-def send_cancel_upstream(job_id: uuid.UUID) -> None:
-    try:
-        cancel_upstream.delay(str(job_id))
-    except Exception as exc:  # the job is already cancelled; only the upstream stop is lost
-        log.warning("job %s: could not send upstream cancel (%s)", job_id, exc)
 
 
 @dataclass(frozen=True)
@@ -350,6 +343,10 @@ def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
     settings = get_settings()
     job_uuid = uuid.UUID(job_id)
     client = get_client()
+    # Here rather than in a message of its own: finalize_job is re-sent by the
+    # sweep until it finishes, so a lost message cannot leave a paid task running.
+    if self.request.retries == 0 and _ended_unwanted(job_uuid):
+        stop_upstream_task(job_uuid)
     archive(job_uuid, settings, client)
     _send_on_complete(job_uuid, settings)
     if notify(job_uuid, settings, client):
@@ -434,8 +431,6 @@ def sweep_jobs() -> dict[str, int]:
         send_submit(job_id, report.providers.get(job_id, ""))
     for job_id in report.refinalize:
         finalize_job.delay(str(job_id))
-    for job_id in report.timed_out:
-        send_cancel_upstream(job_id)
     counts = {k: len(v) for k, v in vars(report).items() if k != "providers"}
     if any(counts.values()):
         log.info("sweep: %s", counts)
@@ -444,14 +439,21 @@ def sweep_jobs() -> dict[str, int]:
 
 @app.task(name="variflow.cancel_upstream")
 def cancel_upstream(job_id: str, provider: str = "", upstream_task_id: str | None = None) -> None:
-    """Best effort: ask the provider to stop a task whose job has ended."""
+    """Best effort: ask the provider to stop a task the job does not follow (an orphan)."""
+    stop_upstream_task(uuid.UUID(job_id), upstream_task_id)
+
+
+def stop_upstream_task(job_id: uuid.UUID, upstream_task_id: str | None = None) -> None:
+    """Ask the provider to stop the job's task (or ``upstream_task_id``); record the answer.
+
+    Safe to repeat: cancelling a task that is no longer pending is a "no".
+    """
     with session_scope() as session:
-        job = session.get(Job, uuid.UUID(job_id))
+        job = session.get(Job, job_id)
         if job is None:
             return
-        provider = job.provider
         task_id = upstream_task_id or job.upstream_task_id
-        adapter = get_provider(provider)
+        adapter = get_provider(job.provider)
         if not task_id or not adapter.can_cancel:
             return
         target = PollTarget(job.id, task_id, job.poll_url)
@@ -464,6 +466,17 @@ def cancel_upstream(job_id: str, provider: str = "", upstream_task_id: str | Non
             "cancelled upstream" if cancelled else "provider could not cancel (no longer pending)"
         )
     with session_scope() as session:
-        job = lock_job(session, uuid.UUID(job_id))
+        job = lock_job(session, job_id)
         if job is not None:
             record_event(session, job, Source.CANCEL, f"upstream task {task_id}: {note}")
+
+
+def _ended_unwanted(job_id: uuid.UUID) -> bool:
+    """Cancelled or timed out while a task may still run upstream."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return (
+            job is not None
+            and bool(job.upstream_task_id)
+            and (job.status == JobStatus.CANCELLED or job.error_code == TIMEOUT)
+        )

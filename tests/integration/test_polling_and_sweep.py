@@ -21,7 +21,7 @@ from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
 from worker.polling import lease_due, poll_jobs, push_back_provider
 from worker.sweep import sweep
-from worker.tasks import claim_for_submit, submit_job
+from worker.tasks import claim_for_submit, finalize_job, submit_job
 
 pytestmark = pytest.mark.services
 
@@ -162,3 +162,21 @@ def test_sweep_fails_an_overdue_job_with_timeout(
     done = get_job(job.id)
     assert done.status == "failed"
     assert done.error_code == "timeout"
+
+
+def test_a_timed_out_job_is_cancelled_upstream_until_finalize_finishes(
+    pg_url: str, redis_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    sandbox.state.update_config(pending_seconds=60)
+    job = submit_variation("piapi", deadline=0.5, **PIAPI)
+    submit_job(str(job.id), provider="piapi")
+    wait_until(lambda: job.id in sweep(configure()).timed_out)
+
+    # Its finalize message was lost: the sweep keeps offering it ...
+    assert job.id in sweep(configure(lost_message_grace=0)).refinalize
+    # ... and running it stops the paid task upstream and ends the after-work.
+    finalize_job(str(job.id))
+
+    assert [t.cancelled for t in sandbox.state.tasks()] == [True]
+    assert any("cancelled upstream" in (e.message or "") for e in get_job(job.id).events)
+    assert job.id not in sweep(configure(lost_message_grace=0)).refinalize
