@@ -73,9 +73,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
+from _db import create_database, drop_database, nullpool_engine
+from sqlalchemy import Engine, event, text
 
 import worker.polling
 from sandbox.config import SandboxConfig
@@ -169,31 +168,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- database
-
-
-def _engine(url: URL | str, **kwargs: Any) -> Engine:
-    return create_engine(url, poolclass=NullPool, **kwargs)
-
-
-def create_database(admin_url: str) -> tuple[str, URL]:
-    name = f"variflow_bench_poll_{os.getpid()}"
-    admin = _engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    finally:
-        admin.dispose()
-    return name, make_url(admin_url).set(database=name)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    admin = _engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
 
 
 _COPY_COLUMNS = (
@@ -950,12 +924,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     time.sleep(1.0)  # a measurement window, not a wait for something
     background = (_machine_busy_seconds() - before) / ((time.monotonic() - started) * _cpus())
     print(f"machine busy before start: {background:.0%} of {_cpus()} CPUs (other processes)")
+    db_name = f"variflow_bench_poll_{os.getpid()}"
     try:
-        db_name, db_url = create_database(args.database_url)
+        db_url = create_database(args.database_url, db_name)
     except Exception as exc:
         print(f"cannot create the bench database: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    engine = _engine(db_url)
+    engine = nullpool_engine(db_url)
     results: list[SizeResult] = []
     try:
         url = db_url.render_as_string(hide_password=False)

@@ -48,14 +48,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
+from _db import create_database, drop_database, nullpool_engine
 from _load import Delivery, LoadReport, run_load
-from sqlalchemy import Engine, create_engine, event, func, insert, select, text, update
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, event, func, insert, select, text, update
+from sqlalchemy.engine import URL
 
 from worker.migrate import upgrade
 from worker.models import Job, JobEvent
-from worker.tasks import hash_secret
+from worker.webhook_secrets import hash_secret
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
@@ -139,34 +139,6 @@ class BenchJob:
     id: uuid.UUID
     task_id: str
     secret: str
-
-
-def _engine(url: URL | str, **kwargs: Any) -> Engine:
-    # NullPool: the parent forks the load generator, which must not inherit
-    # pooled PostgreSQL sockets; connecting per use costs nothing here.
-    return create_engine(url, poolclass=NullPool, **kwargs)
-
-
-def create_database(admin_url: str) -> tuple[str, URL]:
-    name = f"variflow_bench_{os.getpid()}"
-    admin = _engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    finally:
-        admin.dispose()
-    return name, make_url(admin_url).set(database=name)
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    admin = _engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            # FORCE: a server that did not shut down cleanly must not leave the database behind.
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
 
 
 def insert_jobs(engine: Engine, count: int) -> list[BenchJob]:
@@ -875,8 +847,9 @@ def main(argv: list[str] | None = None) -> int:
         f" {_cpus()} CPUs (other processes)"
     )
 
-    db_name, db_url = create_database(args.database_url)
-    engine = _engine(db_url)
+    db_name = f"variflow_bench_{os.getpid()}"
+    db_url = create_database(args.database_url, db_name)
+    engine = nullpool_engine(db_url)
     servers: list[GunicornServer] = []
     try:
         print(f"database: {db_name} (dropped at the end)")

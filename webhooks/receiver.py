@@ -8,7 +8,6 @@ are recorded as ignored events so the provider stops retrying them.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import uuid
@@ -17,6 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from webhooks.limits import MAX_BODY_BYTES
 from webhooks.metrics import note_webhook_event
@@ -28,6 +28,7 @@ from worker.polling import poll_at_after_webhook
 from worker.providers import get_provider
 from worker.providers.base import Provider
 from worker.states import UpstreamState
+from worker.webhook_secrets import secret_matches
 
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 log = logging.getLogger(__name__)
@@ -43,12 +44,6 @@ def _webhook_provider(name: str) -> Provider | None:
     except ValueError:
         return None
     return provider if provider.supports_webhook else None
-
-
-def _secret_matches(given: str | None, expected_hash: str | None) -> bool:
-    if not given or not expected_hash:
-        return False
-    return hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), expected_hash)
 
 
 def _parse(provider: Provider) -> UpstreamState | tuple[Response, int]:
@@ -88,7 +83,7 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
         job = lock_job(session, job_uuid)
         if job is None or job.provider != provider.name:
             return _error(404, "unknown job")
-        if not _secret_matches(
+        if not secret_matches(
             request.headers.get(provider.webhook_secret_header), job.webhook_secret_hash
         ):
             log.warning("webhook for job %s: missing or wrong secret", job.id)
@@ -125,7 +120,7 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
 
 
 def _apply(
-    job: Job, provider: Provider, session: Any, state: UpstreamState | None = None
+    job: Job, provider: Provider, session: Session, state: UpstreamState | None = None
 ) -> ResponseReturnValue:
     if state is None:
         parsed = _parse(provider)
@@ -140,6 +135,6 @@ def _apply(
     result = apply_update(session, job, state, now)
     note_webhook_event(result.event)  # for the deliveries metric (webhooks/metrics.py)
     if not job.is_terminal:
-        job.next_poll_at = poll_at_after_webhook(get_settings(), now)
+        job.next_poll_at = poll_at_after_webhook(provider.name, get_settings(), now)
     outcome = result.event.kind.value if result.event else "ignored"
     return jsonify(job_id=str(job.id), status=job.status, outcome=outcome)

@@ -241,13 +241,18 @@ def cancel_job(job_id: uuid.UUID | str, reason: str = "cancelled by request") ->
 
 def wait(job_id: uuid.UUID | str, timeout: float = 600.0, interval: float = 0.25) -> JobInfo:
     """Block until the job is terminal; TimeoutError (carrying the last state) otherwise."""
+    job_uuid = _as_uuid(job_id)
     deadline = time.monotonic() + timeout
     while True:
-        job = get_job(job_id)
-        if job.is_terminal:
-            return job
+        # The status alone while waiting; the whole job (with events) once.
+        with session_scope() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_uuid))
+        if status is None:
+            raise JobNotFound(job_id)
+        if JobStatus(status).is_terminal:
+            return get_job(job_uuid)
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"job {job.id} still {job.status} after {timeout:g}s")
+            raise TimeoutError(f"job {job_uuid} still {status} after {timeout:g}s")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 

@@ -197,6 +197,11 @@ class Settings(BaseSettings):
         secret: SecretStr | None = getattr(self, f"{provider}_webhook_secret", None)
         return secret.get_secret_value() if secret else None
 
+    def webhook_grace(self, provider: str) -> float:
+        """How long a webhook provider's job may go without a webhook before it is polled."""
+        grace: float = getattr(self, f"{provider}_webhook_grace", self.poll_backoff_start)
+        return grace
+
     def base_url(self, provider: str) -> str:
         return str(getattr(self, f"{provider}_base_url")).rstrip("/")
 

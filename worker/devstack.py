@@ -139,13 +139,6 @@ class Stack:
                 log.close()
             self._logs.clear()
 
-    def kill(self, name: str) -> None:
-        """SIGKILL a process and its children: a crash, not a shutdown."""
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
     def __enter__(self) -> Stack:
         return self
 

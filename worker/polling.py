@@ -48,13 +48,17 @@ def poll_delay(attempts: int, settings: Settings) -> float:
 
 def first_poll_at(adapter: Provider, settings: Settings, now: datetime) -> datetime:
     """Webhook providers are polled only when no webhook came for the grace period."""
-    wait = settings.piapi_webhook_grace if adapter.supports_webhook else settings.poll_backoff_start
+    wait = (
+        settings.webhook_grace(adapter.name)
+        if adapter.supports_webhook
+        else settings.poll_backoff_start
+    )
     return now + timedelta(seconds=wait)
 
 
-def poll_at_after_webhook(settings: Settings, now: datetime) -> datetime:
+def poll_at_after_webhook(provider: str, settings: Settings, now: datetime) -> datetime:
     """A webhook just arrived: fall back to polling only if the next one does not."""
-    return now + timedelta(seconds=settings.piapi_webhook_grace)
+    return now + timedelta(seconds=settings.webhook_grace(provider))
 
 
 @dataclass(frozen=True)

@@ -184,10 +184,14 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
         changes["claimed_until"] = None
         changes["retry_at"] = None
         changes["create_started_at"] = None
-    # submitted_at means "the provider accepted it": a task id, or a status only
-    # an accepted job can have.
-    accepted = update.upstream_task_id or job.upstream_task_id or not target.is_terminal
-    if (accepted or target is JobStatus.COMPLETED) and job.submitted_at is None:
+    # submitted_at means "the provider accepted it": it named a task, or the job
+    # reached a status only an accepted job can have.
+    accepted = bool(update.upstream_task_id or job.upstream_task_id) or target in (
+        JobStatus.SUBMITTED,
+        JobStatus.PROCESSING,
+        JobStatus.COMPLETED,
+    )
+    if accepted and job.submitted_at is None:
         changes["submitted_at"] = now
     if progress is not None and progress > job.progress:
         changes["progress"] = progress

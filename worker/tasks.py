@@ -6,7 +6,6 @@ each one re-reads the database and does nothing when there is nothing to do.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import secrets
@@ -42,16 +41,13 @@ from worker.providers.http import get_client
 from worker.results import store_inline
 from worker.states import JobStatus, Source, UpstreamState
 from worker.sweep import NOT_RESENT, OUTCOME_UNKNOWN, TIMEOUT, sweep
+from worker.webhook_secrets import hash_secret
 
 log = logging.getLogger(__name__)
 
 # A message that arrives a moment before its retry is due still counts.
 MAX_LEASES_PER_RUN = 50
 RETRY_TOLERANCE = timedelta(seconds=1)
-
-
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def send_submit(job_id: uuid.UUID, provider: str) -> bool:
@@ -235,7 +231,7 @@ def _outcome_unknown(claim: Claim, adapter: Provider, reason: str, settings: Set
         job = lock_job(session, claim.job_id)
         if job is None or job.claim_token != claim.token:
             return
-        wait = settings.piapi_webhook_grace
+        wait = settings.webhook_grace(adapter.name)
         job.claimed_until = utcnow() + timedelta(seconds=wait)
         record_event(
             session,

@@ -18,7 +18,7 @@ from webhooks import MAX_BODY_BYTES, create_app
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.models import Job, JobEvent, utcnow
-from worker.tasks import hash_secret
+from worker.webhook_secrets import hash_secret
 
 SECRET = "s3cret"
 GLOBAL_SECRET = "gl0bal-s3cret"

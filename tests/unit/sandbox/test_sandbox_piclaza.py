@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 
-from sandbox.app import create_sandbox_app
 from sandbox.config import SandboxConfig
-from sandbox.context import EXTENSION_KEY
 from sandbox.state import SandboxState
 from sandbox.testing import png_bytes, wait_until
 
@@ -23,21 +19,8 @@ DATA_URI = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
 
 
 @pytest.fixture
-def app() -> Iterator[Flask]:
-    app = create_sandbox_app(SandboxConfig(pending_seconds=0.05, processing_seconds=0.1, seed=2))
-    yield app
-    app.extensions[EXTENSION_KEY].close()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
-
-@pytest.fixture
-def state(app: Flask) -> SandboxState:
-    state: SandboxState = app.extensions[EXTENSION_KEY]
-    return state
+def sandbox_config() -> SandboxConfig:
+    return SandboxConfig(pending_seconds=0.05, processing_seconds=0.1, seed=2)
 
 
 def create(client: FlaskClient, **payload: Any) -> str:

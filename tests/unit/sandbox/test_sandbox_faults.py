@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 
 from sandbox.app import create_sandbox_app
@@ -50,21 +48,8 @@ CREATES = {"piapi": create_piapi, "piclaza": create_piclaza, "lemondata": create
 
 
 @pytest.fixture
-def app() -> Iterator[Flask]:
-    app = create_sandbox_app(SandboxConfig(pending_seconds=0, processing_seconds=0, seed=4))
-    yield app
-    app.extensions[EXTENSION_KEY].close()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
-
-@pytest.fixture
-def state(app: Flask) -> SandboxState:
-    state: SandboxState = app.extensions[EXTENSION_KEY]
-    return state
+def sandbox_config() -> SandboxConfig:
+    return SandboxConfig(pending_seconds=0, processing_seconds=0, seed=4)
 
 
 @pytest.mark.parametrize("provider", sorted(CREATES))

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
 
-from sandbox.app import create_sandbox_app
-from sandbox.config import SandboxConfig
-from sandbox.context import EXTENSION_KEY
 from sandbox.state import SandboxState
 from sandbox.testing import wait_until
 
@@ -29,24 +24,6 @@ def body(**changes: Any) -> dict[str, Any]:
     }
     payload.update(changes)
     return payload
-
-
-@pytest.fixture
-def app() -> Iterator[Flask]:
-    app = create_sandbox_app(SandboxConfig(pending_seconds=0.05, processing_seconds=0.1, seed=1))
-    yield app
-    app.extensions[EXTENSION_KEY].close()
-
-
-@pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
-
-
-@pytest.fixture
-def state(app: Flask) -> SandboxState:
-    state: SandboxState = app.extensions[EXTENSION_KEY]
-    return state
 
 
 def wait_status(client: FlaskClient, task_id: str, status: str) -> dict[str, Any]:

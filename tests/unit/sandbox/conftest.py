@@ -1,0 +1,37 @@
+"""The sandbox app under the Flask test client; each module picks its ``sandbox_config``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from sandbox.app import create_sandbox_app
+from sandbox.config import SandboxConfig
+from sandbox.context import EXTENSION_KEY
+from sandbox.state import SandboxState
+
+
+@pytest.fixture
+def sandbox_config() -> SandboxConfig:
+    return SandboxConfig(pending_seconds=0.05, processing_seconds=0.1, seed=1)
+
+
+@pytest.fixture
+def app(sandbox_config: SandboxConfig) -> Iterator[Flask]:
+    app = create_sandbox_app(sandbox_config)
+    yield app
+    app.extensions[EXTENSION_KEY].close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def state(app: Flask) -> SandboxState:
+    state: SandboxState = app.extensions[EXTENSION_KEY]
+    return state
