@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check worker webhooks sandbox migrations tests bench
 	$(BIN)/ruff format --check worker webhooks sandbox migrations tests bench
 	$(BIN)/mypy worker webhooks sandbox
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py

@@ -7,6 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
+from worker.config import get_settings
 from worker.db import make_engine
 from worker.models import Base
 
@@ -21,8 +22,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from worker.config import get_settings
-
+    # `alembic upgrade` run by hand: an entry point, reading the settings once.
     return get_settings().database_url
 
 

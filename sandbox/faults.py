@@ -6,20 +6,21 @@ never creates a task, so a client may retry it safely. A slow answer is the
 exception on purpose: the request is handled normally (the task exists) and
 only the answer is late, which is the ambiguous case a client must survive
 without creating a duplicate.
+
+This module decides faults and builds the faulted answers; the per-request hooks
+that apply them live in ``sandbox.fault_hooks``.
 """
 
 from __future__ import annotations
 
 import enum
 import random
-import time
 from dataclasses import dataclass
 from typing import Literal
 
-from flask import Blueprint, Response, g
+from flask import Response
 
 from sandbox.config import SandboxConfig
-from sandbox.context import current_state
 from sandbox.errors import lemondata_error, piapi_error, piclaza_error
 
 ProviderName = Literal["piapi", "piclaza", "lemondata"]
@@ -94,28 +95,3 @@ def error_response(provider: ProviderName, status: int, config: SandboxConfig) -
 
 def malformed_response(provider: ProviderName) -> Response:
     return Response(_MALFORMED_BODIES[provider], status=200, mimetype="application/json")
-
-
-def install(blueprint: Blueprint, provider: ProviderName) -> None:
-    """Register the fault hooks on a provider blueprint (before its auth check)."""
-
-    def inject_fault() -> Response | None:
-        state = current_state()
-        fault = state.decide_fault()
-        if fault is None:
-            return None
-        if fault.kind is FaultKind.MALFORMED:
-            return malformed_response(provider)
-        if fault.kind is FaultKind.SLOW:
-            g.sandbox_slow_seconds = fault.seconds
-            return None
-        return error_response(provider, fault.status, state.config)
-
-    def delay_answer(response: Response) -> Response:
-        seconds: float = g.pop("sandbox_slow_seconds", 0.0)
-        if seconds > 0:
-            time.sleep(seconds)
-        return response
-
-    blueprint.before_request(inject_fault)
-    blueprint.after_request(delay_answer)

@@ -29,14 +29,14 @@ from typing import Any
 from flask import Blueprint, Response, request
 from PIL import Image
 
-from sandbox import faults
+from sandbox import fault_hooks
 from sandbox.context import current_state
 from sandbox.errors import json_response, lemondata_error
 from sandbox.state import NewTask
 from sandbox.tasks import Task, TaskView
 
 bp = Blueprint("lemondata", __name__, url_prefix="/lemondata")
-faults.install(bp, "lemondata")
+fault_hooks.install(bp, "lemondata")
 
 MODELS = ("dall-e-2",)
 SIZES = ("256x256", "512x512", "1024x1024")

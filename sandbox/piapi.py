@@ -23,14 +23,14 @@ from urllib.parse import urlsplit
 
 from flask import Blueprint, Response, request
 
-from sandbox import faults
+from sandbox import fault_hooks
 from sandbox.context import current_state
 from sandbox.errors import json_response, piapi_error
 from sandbox.piapi_envelope import envelope
 from sandbox.state import NewTask
 
 bp = Blueprint("piapi", __name__, url_prefix="/piapi")
-faults.install(bp, "piapi")
+fault_hooks.install(bp, "piapi")
 
 INDEXES = ("1", "2", "3", "4", "high_variation", "low_variation")
 SERVICE_MODES = ("", "public", "private")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, request
 from PIL import Image
 
-from sandbox import faults
+from sandbox import fault_hooks
 from sandbox.context import current_state
 from sandbox.errors import json_response, piclaza_error
 from sandbox.piapi_envelope import iso_time
@@ -36,7 +36,7 @@ from sandbox.state import NewTask
 from sandbox.tasks import Task, TaskView
 
 bp = Blueprint("piclaza", __name__, url_prefix="/piclaza")
-faults.install(bp, "piclaza")
+fault_hooks.install(bp, "piclaza")
 
 TASK_TYPE = "image_variation"
 SOURCES = ("unknown", "api", "web", "ext")

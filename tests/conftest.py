@@ -7,7 +7,6 @@ skipped, unless VARIFLOW_REQUIRE_SERVICES=1 (CI), which makes it a failure.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,12 +17,11 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from worker import runtime
+from worker.celery_app import build_runtime
 from worker.celery_app import reconfigure as reconfigure_celery
-from worker.config import ConfigError, Settings, get_settings, reset_settings
-from worker.db import reset_engines
+from worker.config import ConfigError, Settings, get_settings, load_settings
 from worker.migrate import upgrade
-from worker.providers import reset_providers
-from worker.providers.http import reset_client
 
 PG_URL = os.environ.get(
     "VARIFLOW_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -43,13 +41,17 @@ def unavailable(what: str, error: Exception) -> None:
     pytest.skip(message)
 
 
-def reset_process_state() -> None:
-    reset_settings()
-    reset_engines()
-    reset_client()
-    reset_providers()
-    with contextlib.suppress(ConfigError):  # tests of bad settings set them on purpose
-        reconfigure_celery()
+def use_environment() -> Settings | None:
+    """Read the settings from the environment and make them this process's runtime,
+    as an entry point does (None when the environment's settings are invalid)."""
+    try:
+        settings = load_settings()
+    except ConfigError:  # tests of bad settings set them on purpose
+        runtime.uninstall()
+        return None
+    runtime.install(build_runtime(settings))
+    reconfigure_celery(settings)
+    return settings
 
 
 @pytest.fixture(autouse=True)
@@ -57,12 +59,21 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None
     for name in _ISOLATE:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("VARIFLOW_HOME", str(tmp_path / "home"))
-    reset_process_state()
+    get_settings.cache_clear()  # the CLI's and the Celery app's fallback reads it once
+    use_environment()
     yield
-    reset_process_state()
+    runtime.uninstall()
+    get_settings.cache_clear()
 
 
 Configure = Callable[..., Settings]
+
+
+def runtime_of(settings: Settings) -> runtime.Runtime:
+    """The runtime ``configure`` installed for ``settings`` (what flows take)."""
+    current = runtime.current()
+    assert current.settings is settings, "configure() installs the runtime of its settings"
+    return current
 
 
 @pytest.fixture
@@ -72,8 +83,10 @@ def configure(monkeypatch: pytest.MonkeyPatch) -> Configure:
     def apply(**values: object) -> Settings:
         for name, value in values.items():
             monkeypatch.setenv(f"VARIFLOW_{name.upper()}", str(value))
-        reset_process_state()
-        return get_settings()
+        settings = use_environment()
+        if settings is None:
+            return load_settings()  # raises the ConfigError naming the variable
+        return settings
 
     return apply
 

@@ -1,4 +1,10 @@
-"""The webhook receiver: a small Flask app, one blueprint per concern."""
+"""The web app: provider webhooks, health, metrics, results and the dashboard.
+
+:func:`create_app` is the web process's entry point: it builds the process's
+runtime from the settings it is given (or reads them once) and registers one
+blueprint per concern. The blueprints reach the runtime through
+``current_app.extensions`` (webhooks/context.py), never through globals.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +12,37 @@ from typing import Any
 
 from flask import Flask
 
+from webhooks.context import EXTENSION_KEY
+from webhooks.dashboard import bp as dashboard_bp
+from webhooks.health import bp as health_bp
 from webhooks.limits import MAX_BODY_BYTES
+from webhooks.metrics import bp as metrics_bp
+from webhooks.receiver import bp as receiver_bp
+from webhooks.results import bp as results_bp
+from worker import runtime as runtimes
+from worker.celery_app import build_runtime
 from worker.config import Settings, get_settings
 from worker.logs import configure_logging
+from worker.runtime import Runtime
+
+__all__ = ["MAX_BODY_BYTES", "create_app"]
 
 
-def create_app(settings: Settings | None = None, **config: Any) -> Flask:
-    settings = settings or get_settings()
-    configure_logging(settings)
+def create_app(
+    settings: Settings | None = None, *, runtime: Runtime | None = None, **config: Any
+) -> Flask:
+    """The web app for ``settings`` (default: the process's runtime, or the environment's).
+
+    A runtime of its own is built for settings that are not the process's
+    current ones, so two apps with different settings can live side by side.
+    """
+    runtime = runtime or _runtime_for(settings)
+    configure_logging(runtime.settings)
     app = Flask(__name__)
     # One byte over the limit, so that a chunked body past it is seen (receiver.py).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
     app.config.update(config)
-
-    from webhooks.dashboard import bp as dashboard_bp
-    from webhooks.health import bp as health_bp
-    from webhooks.metrics import bp as metrics_bp
-    from webhooks.receiver import bp as receiver_bp
-    from webhooks.results import bp as results_bp
+    app.extensions[EXTENSION_KEY] = runtime
 
     app.register_blueprint(health_bp)
     app.register_blueprint(metrics_bp)
@@ -31,3 +50,14 @@ def create_app(settings: Settings | None = None, **config: Any) -> Flask:
     app.register_blueprint(results_bp)
     app.register_blueprint(dashboard_bp)
     return app
+
+
+def _runtime_for(settings: Settings | None) -> Runtime:
+    installed = runtimes.installed()
+    if installed is not None and (settings is None or settings is installed.settings):
+        return runtimes.current()
+    settings = settings or get_settings()
+    if installed is None:
+        # The web process's own runtime: the one its Celery messages are sent with.
+        return runtimes.install(build_runtime(settings))
+    return build_runtime(settings)

@@ -30,9 +30,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import Select, func, select, union_all
 from sqlalchemy.orm import Session
 
+from webhooks.context import runtime
 from worker.api import EventInfo
-from worker.config import KNOWN_PROVIDERS, Settings, get_settings
-from worker.db import session_scope
+from worker.config import Settings
 from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.states import JobStatus
 
@@ -79,7 +79,7 @@ def dashboard_enabled(settings: Settings) -> bool:
 
 @bp.before_request
 def _require_credentials() -> ResponseReturnValue | None:
-    settings = get_settings()
+    settings = runtime().settings
     if not dashboard_enabled(settings):
         abort(404)
     auth = request.authorization
@@ -360,9 +360,10 @@ def index_url(**args: Any) -> str:
 @bp.get("/")
 def index() -> ResponseReturnValue:
     status = _choice("status", STATUSES)
-    provider = _choice("provider", KNOWN_PROVIDERS)
+    providers = runtime().providers.names()
+    provider = _choice("provider", providers)
     page = min(max(request.args.get("page", 1, type=int) or 1, 1), MAX_PAGE)
-    with session_scope() as session:
+    with runtime().session() as session:
         counts = status_counts(session, provider)
         jobs, has_next = job_rows(session, status, provider, page)
     total = counts[status] if status else sum(counts.values())
@@ -374,7 +375,7 @@ def index() -> ResponseReturnValue:
         status=status,
         provider=provider,
         statuses=STATUSES,
-        providers=KNOWN_PROVIDERS,
+        providers=providers,
         page=page,
         first=(page - 1) * PAGE_SIZE + 1,
         prev_url=index_url(status=status, provider=provider, page=page - 1) if page > 1 else None,
@@ -388,8 +389,8 @@ def index() -> ResponseReturnValue:
 
 @bp.get("/jobs/<uuid:job_id>")
 def job_detail(job_id: uuid.UUID) -> ResponseReturnValue:
-    settings = get_settings()
-    with session_scope() as session:
+    settings = runtime().settings
+    with runtime().session() as session:
         job = load_job_page(session, job_id, settings)
     if job is None:
         abort(404)
@@ -398,7 +399,7 @@ def job_detail(job_id: uuid.UUID) -> ResponseReturnValue:
 
 @bp.get("/jobs/<uuid:job_id>/input")
 def job_input(job_id: uuid.UUID) -> ResponseReturnValue:
-    with session_scope() as session:
+    with runtime().session() as session:
         stored = session.execute(
             select(JobInput.content, JobInput.content_type).where(JobInput.job_id == job_id)
         ).one_or_none()

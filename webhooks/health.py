@@ -9,7 +9,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.db import get_engine
+from webhooks.context import runtime
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 @bp.get("/healthz")
 def healthz() -> ResponseReturnValue:
     try:
-        with get_engine().connect() as conn:
+        with runtime().db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         log.warning("health check: database unreachable (%s)", type(exc).__name__)

@@ -11,7 +11,9 @@ from __future__ import annotations
 from flask import Blueprint, Response, g, request
 from flask.typing import ResponseReturnValue
 
+from webhooks.context import runtime
 from worker import metrics
+from worker.job_stats import JobStatsCollector
 from worker.states import EventKind, EventRecord
 
 bp = Blueprint("metrics", __name__)
@@ -64,4 +66,5 @@ def _count_delivery(response: Response) -> Response:
 
 @bp.get("/metrics")
 def scrape() -> ResponseReturnValue:
-    return Response(metrics.render_latest(), headers={"Content-Type": metrics.CONTENT_TYPE})
+    body = metrics.render_latest([JobStatsCollector(runtime().db.engine)])
+    return Response(body, headers={"Content-Type": metrics.CONTENT_TYPE})

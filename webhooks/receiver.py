@@ -15,19 +15,17 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from webhooks.context import runtime
 from webhooks.limits import MAX_BODY_BYTES
 from webhooks.metrics import note_webhook_event
-from worker.config import get_settings
-from worker.db import session_scope
-from worker.jobs import apply_update, lock_job
-from worker.models import Job, utcnow
-from worker.polling import poll_at_after_webhook
-from worker.providers import get_provider
+from worker import jobs
+from worker.errors import InvalidInput
+from worker.jobs import PollPlan
+from worker.models import Job
 from worker.providers.base import Provider
-from worker.states import UpstreamState
+from worker.states import UpstreamState, foreign_task
 from worker.webhook_secrets import secret_matches
 
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
@@ -40,8 +38,8 @@ def _error(status: int, message: str) -> tuple[Response, int]:
 
 def _webhook_provider(name: str) -> Provider | None:
     try:
-        provider = get_provider(name)
-    except ValueError:
+        provider = runtime().providers.get(name)
+    except InvalidInput:
         return None
     return provider if provider.supports_webhook else None
 
@@ -79,8 +77,8 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
     if provider is None:
         return _error(404, "unknown provider")
     assert provider.webhook_secret_header is not None
-    with session_scope() as session:
-        job = lock_job(session, job_uuid)
+    with runtime().session() as session:
+        job = jobs.lock_job(session, job_uuid)
         if job is None or job.provider != provider.name:
             return _error(404, "unknown job")
         if not secret_matches(
@@ -88,7 +86,10 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
         ):
             log.warning("webhook for job %s: missing or wrong secret", job.id)
             return _error(401, "missing or wrong secret")
-        return _apply(job, provider, session)
+        state = _parse(provider)
+        if not isinstance(state, UpstreamState):
+            return state
+        return _apply(session, job, provider, state)
 
 
 @bp.post("/<provider_name>")
@@ -98,7 +99,7 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
     if provider is None:
         return _error(404, "unknown provider")
     assert provider.webhook_secret_header is not None
-    expected = get_settings().webhook_secret(provider.name)
+    expected = runtime().settings.webhook_secret(provider.name)
     given = request.headers.get(provider.webhook_secret_header)
     if not expected or not given or not hmac.compare_digest(given.encode(), expected.encode()):
         log.warning("global %s webhook: missing or wrong secret", provider.name)
@@ -108,33 +109,20 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
         return state
     if not state.upstream_task_id:
         return _error(400, "the body names no task id")
-    with session_scope() as session:
-        job = session.scalars(
-            select(Job)
-            .where(Job.provider == provider.name, Job.upstream_task_id == state.upstream_task_id)
-            .with_for_update()
-        ).one_or_none()
+    with runtime().session() as session:
+        job = jobs.lock_by_task(session, provider.name, state.upstream_task_id)
         if job is None:
             return _error(404, "no job for this task id")
-        return _apply(job, provider, session, state)
+        return _apply(session, job, provider, state)
 
 
 def _apply(
-    job: Job, provider: Provider, session: Session, state: UpstreamState | None = None
+    session: Session, job: Job, provider: Provider, state: UpstreamState
 ) -> ResponseReturnValue:
-    if state is None:
-        parsed = _parse(provider)
-        if not isinstance(parsed, UpstreamState):
-            return parsed
-        state = parsed
-    if job.upstream_task_id and state.upstream_task_id != job.upstream_task_id:
+    if foreign_task(job, state):
         return _error(409, "task id does not match this job")
-    now = utcnow()
-    if not job.is_terminal:  # a late delivery to a finished job changes no column
-        job.last_webhook_at = now
-    result = apply_update(session, job, state, now)
+    plan = PollPlan.of(runtime().settings, provider.webhook_grace)
+    result = jobs.accept_webhook(session, job, state, plan)
     note_webhook_event(result.event)  # for the deliveries metric (webhooks/metrics.py)
-    if not job.is_terminal:
-        job.next_poll_at = poll_at_after_webhook(provider.name, get_settings(), now)
     outcome = result.event.kind.value if result.event else "ignored"
     return jsonify(job_id=str(job.id), status=job.status, outcome=outcome)

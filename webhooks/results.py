@@ -7,7 +7,7 @@ import uuid
 from flask import Blueprint, abort, send_from_directory
 from flask.typing import ResponseReturnValue
 
-from worker.config import get_settings
+from webhooks.context import runtime
 
 bp = Blueprint("results", __name__, url_prefix="/results")
 
@@ -15,7 +15,7 @@ bp = Blueprint("results", __name__, url_prefix="/results")
 @bp.get("/<job_id>/<name>")
 def result_image(job_id: str, name: str) -> ResponseReturnValue:
     try:
-        folder = get_settings().results_folder / str(uuid.UUID(job_id))
+        folder = runtime().settings.results_folder / str(uuid.UUID(job_id))
     except ValueError:
         abort(404)
     # send_from_directory refuses names that escape the folder, and types the

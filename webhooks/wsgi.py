@@ -1,5 +1,6 @@
-"""WSGI entry point for gunicorn: ``gunicorn webhooks.wsgi:app``."""
+"""WSGI entry point for gunicorn: ``gunicorn webhooks.wsgi:app``. Settings are read here, once."""
 
 from webhooks import create_app
+from worker.config import get_settings
 
-app = create_app()
+app = create_app(get_settings())

@@ -1,4 +1,11 @@
-"""What applications import: submit_variation, get_job, cancel_job, wait."""
+"""What in-process applications import: submit_variation, get_job, cancel_job, wait, list_jobs.
+
+An entry point: the first call reads the settings (once) and installs the
+process's runtime with the consumers every variflow process has (finalize,
+metrics), unless another entry point (the web app, a Celery worker, the CLI)
+installed one already. Input errors are :class:`InvalidInput` (a ValueError)
+naming the field; nothing is stored then.
+"""
 
 from __future__ import annotations
 
@@ -14,22 +21,37 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from worker import jobs
+from worker import runtime as runtimes
+from worker.celery_app import build_runtime, send_submit
 from worker.config import get_settings
-from worker.db import session_scope
+from worker.errors import InvalidInput, JobNotFound
 from worker.images import ImageInput, resolve_image
-from worker.jobs import apply_update, lock_job
-from worker.models import Job, JobEvent, JobInput, utcnow
-from worker.providers import check_provider_name, get_provider
-from worker.states import EventKind, JobStatus, Source, UpstreamState
+from worker.models import Job, JobEvent, utcnow
+from worker.runtime import Runtime
+from worker.states import JobStatus
 
 log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255
 
+__all__ = [
+    "EventInfo",
+    "JobInfo",
+    "JobNotFound",
+    "cancel_job",
+    "get_job",
+    "list_jobs",
+    "submit_variation",
+    "wait",
+]
 
-class JobNotFound(LookupError):
-    def __init__(self, job_id: object) -> None:
-        super().__init__(f"no job with id {job_id}")
+
+def _runtime() -> Runtime:
+    """The process's runtime, installed from the settings on first use."""
+    if runtimes.installed() is None:
+        runtimes.install(build_runtime(get_settings()))
+    return runtimes.current()
 
 
 @dataclass(frozen=True)
@@ -102,100 +124,83 @@ def submit_variation(
     deadline: datetime | timedelta | float | None = None,
     notify_url: str | None = None,
     on_complete_task: str | None = None,
+    runtime: Runtime | None = None,
     **params: Any,
 ) -> JobInfo:
     """Validate, store a queued job, and (after commit) send it to a worker.
 
     ``image`` is an http(s) URL, a local file path or bytes; bytes (and files)
-    are stored with the job, never put in a broker message. Raises ValueError
-    naming the wrong field; nothing is stored then. The same
+    are stored with the job, never put in a broker message. Raises InvalidInput
+    (a ValueError) naming the wrong field; nothing is stored then. The same
     ``idempotency_key`` returns the job it first created.
 
     When the job ends, variflow sends ``on_complete_task`` (a Celery task name;
     default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
     state to ``notify_url`` signed per Standard Webhooks.
     """
-    adapter = get_provider(check_provider_name(provider, for_new_job=True))
+    rt = runtime or _runtime()
+    adapter = rt.providers.for_new_job(provider)
     stored_image = None
     if image is not None:
         if "image_url" in params:
-            raise ValueError("image: give either image or image_url, not both")
-        url, stored_image = resolve_image(image, get_settings().max_image_bytes)
+            raise InvalidInput("image", "give either image or image_url, not both")
+        url, stored_image = resolve_image(image, rt.settings.max_image_bytes)
         if url:
             params["image_url"] = url
     clean = adapter.validate(params, stored_image)
     if idempotency_key is not None and (
         not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
     ):
-        raise ValueError(f"idempotency_key: a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        raise InvalidInput("idempotency_key", f"a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
     now = utcnow()
-    due = _deadline(deadline, now)
+    due = _deadline(deadline, now, rt.settings.default_deadline)
     if notify_url is not None:
         parts = urlsplit(notify_url) if isinstance(notify_url, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("notify_url: an http(s) URL")
+            raise InvalidInput("notify_url", "an http(s) URL")
     if on_complete_task is not None and (
         not isinstance(on_complete_task, str) or not on_complete_task.strip()
     ):
-        raise ValueError("on_complete_task: a Celery task name")
+        raise InvalidInput("on_complete_task", "a Celery task name")
 
     if idempotency_key is not None:
-        existing = _by_idempotency_key(idempotency_key, provider, clean)
+        existing = _by_idempotency_key(rt, idempotency_key, provider, clean)
         if existing is not None:
             return existing
-    job = Job(
-        id=uuid.uuid4(),
-        provider=provider,
-        status=JobStatus.QUEUED.value,
-        params=clean,
-        idempotency_key=idempotency_key,
-        deadline=due,
-        notify_url=notify_url,
-        on_complete_task=on_complete_task,
-        created_at=now,
-        updated_at=now,
+    image_row = (
+        jobs.NewInput(stored_image.content, stored_image.filename, stored_image.content_type)
+        if stored_image is not None
+        else None
     )
     try:
-        with session_scope() as session:
-            session.add(job)
-            if stored_image is not None:
-                session.add(
-                    JobInput(
-                        job_id=job.id,
-                        content=stored_image.content,
-                        filename=stored_image.filename,
-                        content_type=stored_image.content_type,
-                    )
-                )
-            session.add(
-                JobEvent(
-                    job_id=job.id,
-                    at=now,
-                    source=Source.API.value,
-                    kind=EventKind.TRANSITION.value,
-                    from_status=None,
-                    to_status=JobStatus.QUEUED.value,
-                    message="accepted",
-                )
+        with rt.session() as session:
+            job = jobs.create_job(
+                session,
+                provider=provider,
+                params=clean,
+                deadline=due,
+                idempotency_key=idempotency_key,
+                notify_url=notify_url,
+                on_complete_task=on_complete_task,
+                image=image_row,
+                now=now,
             )
     except IntegrityError:
         # Another caller inserted the same idempotency key first: theirs wins.
         if idempotency_key is None:
             raise
-        existing = _by_idempotency_key(idempotency_key, provider, clean)
+        existing = _by_idempotency_key(rt, idempotency_key, provider, clean)
         if existing is None:
             raise
         return existing
 
-    from worker.tasks import send_submit  # the Celery side imports this module
-
     send_submit(job.id, provider)
-    return get_job(job.id)
+    return get_job(job.id, runtime=rt)
 
 
-def get_job(job_id: uuid.UUID | str) -> JobInfo:
+def get_job(job_id: uuid.UUID | str, *, runtime: Runtime | None = None) -> JobInfo:
     job_uuid = _as_uuid(job_id)
-    with session_scope() as session:
+    with (runtime or _runtime()).session() as session:
         job = session.get(Job, job_uuid)
         if job is None:
             raise JobNotFound(job_id)
@@ -208,6 +213,7 @@ def list_jobs(
     provider: str | None = None,
     since: datetime | None = None,
     limit: int = 50,
+    runtime: Runtime | None = None,
 ) -> list[JobInfo]:
     """Jobs, newest first (without their events)."""
     query = select(Job).order_by(Job.created_at.desc()).limit(limit)
@@ -217,53 +223,63 @@ def list_jobs(
         query = query.where(Job.provider == provider)
     if since:
         query = query.where(Job.created_at >= since)
-    with session_scope() as session:
+    with (runtime or _runtime()).session() as session:
         return [JobInfo.from_row(job) for job in session.scalars(query)]
 
 
-def cancel_job(job_id: uuid.UUID | str, reason: str = "cancelled by request") -> JobInfo:
+def cancel_job(
+    job_id: uuid.UUID | str,
+    reason: str = "cancelled by request",
+    *,
+    runtime: Runtime | None = None,
+) -> JobInfo:
     """Cancel a job at once; a task already created upstream is cancelled there on a
     best-effort basis (by a worker, in finalize_job). A terminal job is left as it is."""
+    rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
-    with session_scope() as session:
-        job = lock_job(session, job_uuid)
+    with rt.session() as session:
+        job = jobs.lock_job(session, job_uuid)
         if job is None:
             raise JobNotFound(job_id)
-        apply_update(
-            session,
-            job,
-            UpstreamState(
-                JobStatus.CANCELLED, Source.CANCEL, error_code="cancelled", error_message=reason
-            ),
-        )
-    return get_job(job_uuid)
+        jobs.cancel(session, job, reason)
+    return get_job(job_uuid, runtime=rt)
 
 
-def wait(job_id: uuid.UUID | str, timeout: float = 600.0, interval: float = 0.25) -> JobInfo:
+def wait(
+    job_id: uuid.UUID | str,
+    timeout: float = 600.0,
+    interval: float = 0.25,
+    *,
+    runtime: Runtime | None = None,
+) -> JobInfo:
     """Block until the job is terminal; TimeoutError (carrying the last state) otherwise."""
+    rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
     deadline = time.monotonic() + timeout
     while True:
         # The status alone while waiting; the whole job (with events) once.
-        with session_scope() as session:
+        with rt.session() as session:
             status = session.scalar(select(Job.status).where(Job.id == job_uuid))
         if status is None:
             raise JobNotFound(job_id)
         if JobStatus(status).is_terminal:
-            return get_job(job_uuid)
+            return get_job(job_uuid, runtime=rt)
         if time.monotonic() >= deadline:
             raise TimeoutError(f"job {job_uuid} still {status} after {timeout:g}s")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
-def _by_idempotency_key(key: str, provider: str, params: dict[str, Any]) -> JobInfo | None:
-    with session_scope() as session:
+def _by_idempotency_key(
+    rt: Runtime, key: str, provider: str, params: dict[str, Any]
+) -> JobInfo | None:
+    with rt.session() as session:
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
             return None
         if job.provider != provider or job.params != params:
-            raise ValueError(
-                f"idempotency_key: {key!r} was already used for a different request (job {job.id})"
+            raise InvalidInput(
+                "idempotency_key",
+                f"{key!r} was already used for a different request (job {job.id})",
             )
         return _snapshot(session, job)
 
@@ -275,28 +291,30 @@ def _snapshot(session: Session, job: Job) -> JobInfo:
     return JobInfo.from_row(job, events)
 
 
-def _deadline(value: datetime | timedelta | float | None, now: datetime) -> datetime:
+def _deadline(
+    value: datetime | timedelta | float | None, now: datetime, default: float
+) -> datetime:
     if value is None:
-        return now + timedelta(seconds=get_settings().default_deadline)
+        return now + timedelta(seconds=default)
     try:
         if isinstance(value, datetime):
             if value.tzinfo is None:
-                raise ValueError("deadline: must be timezone-aware")
+                raise InvalidInput("deadline", "must be timezone-aware")
             due = value
         elif isinstance(value, timedelta):
             due = now + value
         elif isinstance(value, int | float) and not isinstance(value, bool):
             due = now + timedelta(seconds=float(value))
         else:
-            raise ValueError("deadline: a datetime, a timedelta or a number of seconds")
+            raise InvalidInput("deadline", "a datetime, a timedelta or a number of seconds")
     except OverflowError:
-        raise ValueError("deadline: out of range") from None
-    except ValueError as exc:
-        if str(exc).startswith("deadline:"):
-            raise
-        raise ValueError("deadline: out of range") from None
+        raise InvalidInput("deadline", "out of range") from None
+    except InvalidInput:
+        raise
+    except ValueError:
+        raise InvalidInput("deadline", "out of range") from None
     if due <= now:
-        raise ValueError("deadline: must be in the future")
+        raise InvalidInput("deadline", "must be in the future")
     return due
 
 

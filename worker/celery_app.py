@@ -1,20 +1,53 @@
-"""The Celery app, its settings and the beat schedule; nothing else.
+"""The Celery app: its settings, its beat schedule, the messages variflow sends, and the
+wiring of a worker process.
 
-Configuration is applied lazily (``add_defaults`` with a callable), so
-importing this module never reads the environment.
+Importing this module reads no settings: configuration is applied lazily
+(``add_defaults`` with a callable) from the settings of the process's runtime.
+The app names its task module (``include``) instead of importing it, so that a
+process that only *sends* (the web app, an application calling the API) never
+loads the task code; messages are sent by task name.
+
+What a worker process runs besides its tasks is connected here, in one place:
+logging, the task context of log lines, the process's runtime (built once per
+prefork child, from settings read once) with its consumers of "a job ended",
+and the metrics bookkeeping of exiting children.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging, task_postrun, task_prerun
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from kombu import pools as kombu_pools
 
-import worker.metrics  # noqa: F401 (connects worker_process_shutdown for metrics)
+from worker import metrics, runtime
 from worker.config import Settings, get_settings
+from worker.hooks import Consumer
 from worker.logs import bind, configure_logging, unbind
+from worker.runtime import Runtime
+from worker.status import TerminalJob
+
+log = logging.getLogger(__name__)
+
+# Task names: the contract between senders and the worker (worker/tasks.py).
+SUBMIT_JOB = "variflow.submit_job"
+FINALIZE_JOB = "variflow.finalize_job"
+CANCEL_UPSTREAM = "variflow.cancel_upstream"
+POLL_DUE = "variflow.poll_due"
+POLL_BATCH = "variflow.poll_batch"
+SWEEP = "variflow.sweep"
+JOB_TASKS = {SUBMIT_JOB, FINALIZE_JOB, CANCEL_UPSTREAM}
+BATCH_TASKS = {POLL_BATCH}
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -41,12 +74,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "beat_schedule": {
             # expires: a tick nobody ran in time is dropped, not piled up.
             "poll-due": {
-                "task": "variflow.poll_due",
+                "task": POLL_DUE,
                 "schedule": settings.poll_interval,
                 "options": {"expires": settings.poll_interval * 5},
             },
             "sweep": {
-                "task": "variflow.sweep",
+                "task": SWEEP,
                 "schedule": settings.sweep_interval,
                 "options": {"expires": settings.sweep_interval},
             },
@@ -76,15 +109,118 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-app = Celery("variflow", set_as_current=False)
-app.add_defaults(lambda: celery_config(get_settings()))
-app.autodiscover_tasks(["worker"], related_name="tasks", force=False)
+def _settings() -> Settings:
+    # The settings of the process's runtime when an entry point installed one;
+    # otherwise (the `celery` command itself) read once, here.
+    installed = runtime.installed()
+    return installed.settings if installed is not None else get_settings()
+
+
+app = Celery("variflow", set_as_current=False, include=["worker.tasks"])
+app.add_defaults(lambda: celery_config(_settings()))
+
+
+def reconfigure(settings: Settings) -> None:
+    """Apply ``settings`` to an app that was already configured (tests, CLI)."""
+    app.conf.update(celery_config(settings))
+    # Drop every cached connection and producer pool: the next send connects
+    # to the (possibly new) broker.
+    kombu_pools.reset()  # type: ignore[no-untyped-call]
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
+# --- the messages variflow sends -----------------------------------------------------------
+
+
+def send_submit(job_id: uuid.UUID, provider: str) -> bool:
+    """Nudge a worker to submit a job. The row is already committed, so a failed
+    send loses nothing: the sweep re-sends queued jobs whose message was lost."""
+    try:
+        app.send_task(
+            SUBMIT_JOB,
+            args=(str(job_id),),
+            kwargs={"provider": provider},
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+    except Exception as exc:  # kombu/redis raise many types; none may lose the job
+        log.warning(
+            "job %s is queued but its submit message could not be sent (%s: %s); "
+            "the sweep will send it again",
+            job_id,
+            type(exc).__name__,
+            exc,
+            extra={"job_id": str(job_id), "provider": provider},
+        )
+        return False
+    return True
+
+
+def send_finalize(job_id: uuid.UUID, provider: str = "") -> None:
+    app.send_task(FINALIZE_JOB, args=(str(job_id),), kwargs={"provider": provider})
+
+
+def send_cancel_upstream(job_id: uuid.UUID, provider: str, upstream_task_id: str) -> None:
+    app.send_task(
+        CANCEL_UPSTREAM,
+        args=(str(job_id),),
+        kwargs={"provider": provider, "upstream_task_id": upstream_task_id},
+    )
+
+
+def send_poll_batch(provider: str, job_ids: Sequence[uuid.UUID], expires: float) -> None:
+    app.send_task(POLL_BATCH, args=(provider, [str(i) for i in job_ids]), expires=expires)
+
+
+def send_application_task(name: str, args: list[str], kwargs: dict[str, str], queue: str) -> None:
+    """The application's own task, sent when its job ends (finalize)."""
+    app.send_task(name, args=args, kwargs=kwargs, queue=queue)
+
+
+def finalize_after_commit(job: TerminalJob) -> None:
+    """A consumer of "a job ended": send finalize_job (the sweep re-sends it if this fails)."""
+    try:
+        send_finalize(job.job_id, job.provider)
+    except Exception as exc:
+        log.warning(
+            "job %s: could not send finalize_job (%s); the sweep will send it again",
+            job.job_id,
+            exc,
+            extra={"job_id": str(job.job_id), "provider": job.provider},
+        )
+
+
+# The consumers of "a job ended" in every variflow process: finalize, then metrics.
+TERMINAL_CONSUMERS: tuple[Consumer, ...] = (finalize_after_commit, metrics.observe_terminal)
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The runtime of a variflow process, with the consumers every process has."""
+    return Runtime.build(settings, consumers=TERMINAL_CONSUMERS)
+
+
+# --- the wiring of a worker process ------------------------------------------------------
+
+
+def worker_runtime() -> Runtime:
+    """The runtime tasks run with: installed on first use in this process (or child)."""
+    installed = runtime.installed()
+    if installed is None:
+        installed = runtime.install(build_runtime(get_settings()))
+    return runtime.current()
+
+
+@worker_process_init.connect
+def _init_child(**_: Any) -> None:
+    # A prefork child: engines and HTTP clients must not be shared with the parent.
+    worker_runtime()
 
 
 @setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     # Connected, so Celery leaves logging to us: one format for every process.
-    configure_logging(get_settings())
+    configure_logging(_settings())
 
 
 @task_prerun.connect
@@ -107,16 +243,7 @@ def _unbind_task_context(task_id: str = "", **_: Any) -> None:
         unbind(token)
 
 
-JOB_TASKS = {"variflow.submit_job", "variflow.finalize_job", "variflow.cancel_upstream"}
-BATCH_TASKS = {"variflow.poll_batch"}
 _tokens: dict[str, Any] = {}
 
-
-def reconfigure() -> None:
-    """Apply the current settings to an app that was already configured (tests, CLI)."""
-    app.conf.update(celery_config(get_settings()))
-    # Drop every cached connection and producer pool: the next send connects
-    # to the (possibly new) broker.
-    kombu_pools.reset()  # type: ignore[no-untyped-call]
-    app._pool = None
-    app.amqp._producer_pool = None
+# A Celery prefork child is ending: drop its live-gauge metric files.
+worker_process_shutdown.connect(metrics.on_worker_process_shutdown, weak=False)

@@ -14,8 +14,23 @@ from typing import Any, NoReturn
 import click
 from sqlalchemy.engine import make_url
 
-from worker.config import KNOWN_PROVIDERS, ConfigError, get_settings, reset_settings
+from worker import runtime as runtimes
+from worker.config import ConfigError, Settings, get_settings, reset_settings
+from worker.providers import registered
 from worker.states import JobStatus
+
+# Heavy modules (the API with SQLAlchemy and Celery, gunicorn, honcho, the
+# sandbox) are imported inside the commands that use them, so that `variflow
+# --help` and the light commands start fast. No cycle is dodged by it: the CLI
+# is the top of the import graph.
+
+KNOWN_PROVIDERS = tuple(registered())
+
+
+def _settings() -> Settings:
+    """The settings this command runs with: read once, from the environment."""
+    installed = runtimes.installed()
+    return installed.settings if installed is not None else get_settings()
 
 
 class VariflowGroup(click.Group):
@@ -49,7 +64,7 @@ def sandbox(host: str, port: int) -> None:
 @click.option("--workers", default=2, show_default=True, type=int)
 def serve(host: str | None, port: int | None, workers: int) -> None:
     """Run the webhook receiver under gunicorn."""
-    settings = get_settings()
+    settings = _settings()
     bind = f"{host or settings.host}:{port or settings.port}"
     os.execvp(
         sys.executable,
@@ -83,7 +98,7 @@ def flower(port: int, flower_args: tuple[str, ...]) -> None:
     Flower can revoke tasks and shows task arguments, so it is never started
     open. Its Prometheus metrics are at /metrics on the same port.
     """
-    auth = get_settings().flower_basic_auth
+    auth = _settings().flower_basic_auth
     if auth is None or ":" not in auth.get_secret_value():
         raise click.UsageError(
             "VARIFLOW_FLOWER_BASIC_AUTH must be set to user:password; Flower is never run open"
@@ -119,7 +134,7 @@ def db_upgrade(revision: str) -> None:
     from worker.migrate import upgrade
 
     try:
-        upgrade(get_settings().database_url, revision)
+        upgrade(_settings().database_url, revision)
     except OperationalError as exc:
         # Unreachable server, unknown database, refused login: say so in a line.
         raise click.ClickException(f"cannot reach the database: {exc.orig or exc}") from None
@@ -140,6 +155,14 @@ def _fail_usage(exc: ValueError) -> NoReturn:
 @click.option("--n", type=int, help="lemondata: number of images, 1-10.")
 @click.option("--size", help="lemondata: 256x256, 512x512 or 1024x1024.")
 @click.option("--response-format", help="lemondata: url or b64_json.")
+@click.option(
+    "--param",
+    "-p",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Any provider field (repeatable); VALUE is read as JSON when it is JSON.",
+)
 @click.option("--idempotency-key", help="The same key returns the same job.")
 @click.option("--deadline", type=float, help="Seconds before the job fails with timeout.")
 @click.option("--notify-url", help="POST the final state here (Standard Webhooks).")
@@ -147,17 +170,30 @@ def _fail_usage(exc: ValueError) -> NoReturn:
 @click.option("--wait", is_flag=True, help="Follow the job to its end.")
 @click.option("--timeout", default=600.0, show_default=True, help="With --wait: give up after.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
-def submit(provider: str, wait: bool, timeout: float, as_json: bool, **options: Any) -> None:
+def submit(
+    provider: str,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+    params: tuple[str, ...],
+    **options: Any,
+) -> None:
     """Submit a variation job and print its id (exit 1 if, with --wait, it fails).
 
     \b
     variflow submit piapi --origin-task-id T --index 1 --prompt "a fox" --wait
     variflow submit piclaza --image ./cat.png
     variflow submit lemondata --image https://example.com/cat.png --n 2 --size 512x512
+    variflow submit piclaza --image ./cat.png -p grouping=true
     """
     from worker.api import get_job, submit_variation
 
     fields = {k: v for k, v in options.items() if v is not None}
+    for item in params:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        fields[name.strip()] = _param_value(text)
     try:
         job = submit_variation(provider, **fields)
     except ValueError as exc:
@@ -250,7 +286,7 @@ def dev(port: int, sandbox_port: int) -> None:
     }
     os.environ.update(env)
     reset_settings()
-    upgrade(get_settings().database_url)
+    upgrade(_settings().database_url)
     me = f"{sys.executable} -m"
     manager = Manager()
     manager.add_process("sandbox", f"{me} worker.cli sandbox --port {sandbox_port}", env=env)
@@ -269,7 +305,7 @@ def demo(keep: bool) -> None:
     from worker.devstack import Stack, free_port, sandbox_env
     from worker.migrate import upgrade
 
-    settings = get_settings()
+    settings = _settings()
     home = settings.home.resolve()
     sandbox_port, web_port = free_port(), free_port()
     web_url = f"http://127.0.0.1:{web_port}"
@@ -277,7 +313,7 @@ def demo(keep: bool) -> None:
     env = {"VARIFLOW_HOME": str(home), "VARIFLOW_PUBLIC_URL": web_url, **sandbox_env(sandbox_url)}
     os.environ.update(env)
     reset_settings()
-    settings = get_settings()
+    settings = _settings()
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     click.echo(f"database: {shown}")
     click.echo(f"broker:   {settings.broker_url} ({settings.broker_folder})")
@@ -346,12 +382,20 @@ def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None
             click.echo(f"error:  {job.error_code}: {job.error_message}")
         for url in job.result_urls:
             click.echo(f"result:   {url}")
-        settings = get_settings()
+        settings = _settings()
         for url in job.archived_urls:
             local = settings.results_folder / url.split("/results/", 1)[-1]
             click.echo(f"archived: {local}")
     if exit_on_failure and job.status == "failed":
         sys.exit(1)
+
+
+def _param_value(text: str) -> Any:
+    """A --param value: JSON when it parses (numbers, true/false), the text otherwise."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _parse_since(value: str) -> datetime:

@@ -1,20 +1,25 @@
 """Typed settings, read from ``VARIFLOW_*`` environment variables.
 
-Settings are loaded by :func:`get_settings` the first time something asks for
-them (process start), never at import time, so tests and the CLI can set the
-environment first. A bad value stops start-up with :class:`ConfigError`, whose
-message names the variable.
+The core settings are declared here; each provider adapter declares its own
+section (``VARIFLOW_<NAME>_*``, see worker/providers/base.py), and
+:func:`load_settings` assembles both, so this module names no provider.
+
+Entry points (the CLI, the Celery app, the WSGI app, the in-process API) call
+:func:`get_settings` once, at a process's start, never at import time, and
+pass the settings down. A bad value stops start-up with :class:`ConfigError`,
+whose message names the variable.
 """
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AnyHttpUrl,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -23,12 +28,14 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from standardwebhooks.webhooks import Webhook
 
-KNOWN_PROVIDERS = ("piapi", "piclaza", "lemondata")
+from worker.errors import ConfigError
+from worker.providers import BUILTIN_PROVIDERS, registered
+from worker.providers.base import ProviderSettings
+
+__all__ = ["KNOWN_PROVIDERS", "ConfigError", "Settings", "get_settings", "load_settings"]
+
+KNOWN_PROVIDERS = BUILTIN_PROVIDERS
 ENV_PREFIX = "VARIFLOW_"
-
-
-class ConfigError(RuntimeError):
-    """A configuration value is missing or malformed; the message names the variable."""
 
 
 class Settings(BaseSettings):
@@ -45,20 +52,15 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     public_url: AnyHttpUrl | None = None
 
-    providers: Annotated[tuple[str, ...], NoDecode] = KNOWN_PROVIDERS
+    # Providers new jobs may use (default: every registered one). Jobs already
+    # in flight keep their adapter when a provider is disabled.
+    providers: Annotated[tuple[str, ...], NoDecode] = Field(
+        default_factory=lambda: tuple(registered())
+    )
 
-    piapi_api_key: SecretStr | None = None
-    piapi_base_url: AnyHttpUrl = AnyHttpUrl("https://api.piapi.ai")
-    piapi_webhook_secret: SecretStr | None = None
-    piclaza_api_key: SecretStr | None = None
-    piclaza_base_url: AnyHttpUrl = AnyHttpUrl("https://api.piclaza.com")
-    lemondata_api_key: SecretStr | None = None
-    lemondata_base_url: AnyHttpUrl = AnyHttpUrl("https://api.lemondata.cc")
-
-    # HTTP to providers. LemonData may answer only when the images are done.
+    # HTTP to providers (an adapter may declare a longer create call).
     http_connect_timeout: float = Field(default=5.0, gt=0)
     http_timeout: float = Field(default=30.0, gt=0)
-    lemondata_create_timeout: float = Field(default=150.0, ge=120)
 
     # Submitting: a claim must outlive the longest create call, so that an
     # expired claim really means the worker is gone.
@@ -74,8 +76,6 @@ class Settings(BaseSettings):
     poll_backoff_factor: float = Field(default=1.5, ge=1)
     poll_backoff_cap: float = Field(default=60.0, gt=0)
     poll_batch_limit: int = Field(default=500, ge=1)
-    piclaza_batch_size: int = Field(default=50, ge=1, le=100)
-    piapi_webhook_grace: float = Field(default=120.0, ge=0)
     sweep_interval: float = Field(default=30.0, gt=0)
     lost_message_grace: float = Field(default=60.0, ge=0)
 
@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    # Each registered provider's own section, filled by load_settings().
+    _sections: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)
+
     @field_validator("providers", mode="before")
     @classmethod
     def _split_providers(cls, value: object) -> object:
@@ -116,13 +119,12 @@ class Settings(BaseSettings):
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [p for p in value if p not in KNOWN_PROVIDERS]
-        if unknown:
-            raise ValueError(
-                f"unknown provider {unknown[0]!r}; known: {', '.join(KNOWN_PROVIDERS)}"
-            )
+        known = tuple(registered())
         if not value:
             raise ValueError("at least one provider must be enabled")
+        unknown = [p for p in value if p not in known]
+        if unknown:
+            raise ValueError(f"unknown provider {unknown[0]!r}; known: {', '.join(known)}")
         return value
 
     @field_validator("database_url", "broker_url")
@@ -142,17 +144,6 @@ class Settings(BaseSettings):
             except Exception:
                 raise ValueError("must be a Standard Webhooks secret: whsec_<base64>") from None
         return value
-
-    @model_validator(mode="after")
-    def _claim_outlives_create(self) -> Settings:
-        # A claim that expires while its create call still runs would let a
-        # second worker create the task again.
-        needed = max(self.lemondata_create_timeout, self.http_timeout) + 30
-        if self.submit_claim_ttl < needed:
-            raise ValueError(
-                f"submit_claim_ttl: must be at least {needed:g}s (the longest create call + 30s)"
-            )
-        return self
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> Settings:
@@ -188,43 +179,129 @@ class Settings(BaseSettings):
     def public_base(self) -> str:
         return str(self.public_url).rstrip("/")
 
+    @property
+    def metrics_folder(self) -> Path:
+        return (self.metrics_dir or self.home / "metrics").resolve()
+
+    @property
+    def provider_names(self) -> tuple[str, ...]:
+        """Every provider with a settings section (enabled for new jobs or not)."""
+        return tuple(self._sections)
+
+    def provider(self, name: str) -> ProviderSettings:
+        """A provider's own settings section (VARIFLOW_<NAME>_*)."""
+        return self._sections[name]
+
+    def value_of(self, variable: str) -> Any:
+        """The value of a VARIFLOW_* variable's setting (core or a provider's)."""
+        model, field = variables()[variable]
+        if model is Settings:
+            return getattr(self, field)
+        name = variable.removeprefix(ENV_PREFIX).removesuffix(f"_{field.upper()}").lower()
+        return getattr(self.provider(name), field)
+
     def api_key(self, provider: str) -> str | None:
-        secret: SecretStr | None = getattr(self, f"{provider}_api_key")
-        return secret.get_secret_value() if secret else None
+        return self.provider(provider).key()
 
     def webhook_secret(self, provider: str) -> str | None:
-        """The one global webhook secret of a provider, when configured."""
-        secret: SecretStr | None = getattr(self, f"{provider}_webhook_secret", None)
+        """The one global webhook secret of a provider, when its section declares one."""
+        secret: SecretStr | None = getattr(self.provider(provider), "webhook_secret", None)
         return secret.get_secret_value() if secret else None
 
-    def webhook_grace(self, provider: str) -> float:
-        """How long a webhook provider's job may go without a webhook before it is polled."""
-        grace: float = getattr(self, f"{provider}_webhook_grace", self.poll_backoff_start)
-        return grace
-
     def base_url(self, provider: str) -> str:
-        return str(getattr(self, f"{provider}_base_url")).rstrip("/")
+        return str(self.provider(provider).base_url).rstrip("/")
+
+
+def variables() -> dict[str, tuple[type[BaseSettings], str]]:
+    """Every VARIFLOW_* variable variflow reads: name -> (the settings model, its field).
+
+    The core settings, then each registered provider's own section.
+    """
+    found: dict[str, tuple[type[BaseSettings], str]] = {
+        f"{ENV_PREFIX}{field.upper()}": (Settings, field) for field in Settings.model_fields
+    }
+    for name, adapter in registered().items():
+        for field in adapter.settings_model.model_fields:
+            found[f"{ENV_PREFIX}{name.upper()}_{field.upper()}"] = (adapter.settings_model, field)
+    return found
+
+
+def default_of(variable: str) -> Any:
+    """The default value of a VARIFLOW_* variable's setting."""
+    model, field = variables()[variable]
+    return model.model_fields[field].get_default(call_default_factory=True)
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Build settings from the environment, turning validation errors into ConfigError."""
+    """Build settings from the environment, turning validation errors into ConfigError.
+
+    ``overrides`` take field names: core ones (``port``) or a provider's,
+    prefixed with its name (``piapi_base_url``).
+    """
+    adapters = registered()
+    section_overrides: dict[str, dict[str, Any]] = {name: {} for name in adapters}
+    core_overrides: dict[str, Any] = {}
+    for key, value in overrides.items():
+        name = next((n for n in adapters if key.startswith(f"{n}_")), None)
+        if name is None:
+            core_overrides[key] = value
+        else:
+            section_overrides[name][key.removeprefix(f"{name}_")] = value
+
+    problems: list[str] = []
+    sections: dict[str, ProviderSettings] = {}
+    for name, adapter in adapters.items():
+        prefix = f"{ENV_PREFIX}{name.upper()}_"
+        try:
+            sections[name] = adapter.settings_model(
+                _env_prefix=prefix,
+                **section_overrides[name],
+            )
+        except ValidationError as exc:
+            problems += _named(exc, prefix)
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**core_overrides)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            message = str(error["msg"]).removeprefix("Value error, ")
-            if error["loc"]:
-                field = str(error["loc"][0])
-            else:  # a check across fields names its field first: "field: message"
-                field, _, message = message.partition(": ")
-            problems.append(f"{ENV_PREFIX}{field.upper()}: {message}")
+        problems = _named(exc, ENV_PREFIX) + problems
+    if not problems:
+        settings._sections = sections
+        problems = _claim_outlives_create(settings)
+    if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    return settings
+
+
+def _named(exc: ValidationError, prefix: str) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            field = str(error["loc"][0])
+        else:  # a check across fields names its field first: "field: message"
+            field, _, message = message.partition(": ")
+        problems.append(f"{prefix}{field.upper()}: {message}")
+    return problems
+
+
+def _claim_outlives_create(settings: Settings) -> list[str]:
+    # A claim that expires while its create call still runs would let a second
+    # worker create the task again: it must outlive every provider's longest call.
+    needed = max(
+        settings.provider(name).longest_call(settings.http_timeout)
+        for name in settings.provider_names
+    )
+    needed = max(needed, settings.http_timeout) + 30
+    if settings.submit_claim_ttl < needed:
+        return [
+            f"{ENV_PREFIX}SUBMIT_CLAIM_TTL: must be at least {needed:g}s "
+            "(the longest create call + 30s)"
+        ]
+    return []
 
 
 @functools.cache
 def get_settings() -> Settings:
-    """The process-wide settings, loaded on first use."""
+    """The process-wide settings, loaded on first use (by an entry point)."""
     return load_settings()
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.config import get_settings
+from worker.hooks import Consumer, install
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -45,56 +43,42 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
 
 
-@functools.cache
-def _engine_for(url: str, pid: int) -> Engine:
-    # Keyed by pid: a forked Celery child must not share its parent's sockets.
-    engine = make_engine(url)
-    _engines.append(engine)
-    return engine
+class Database:
+    """One database of one process: its engine and the sessions made from it.
 
+    Built by an entry point from the settings (worker.runtime); ``consumers``
+    are told about every job that reached a terminal status, after commit.
+    """
 
-_engines: list[Engine] = []
+    def __init__(self, url: str, consumers: Sequence[Consumer] = ()) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self._factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        install(self._factory, consumers)
 
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
-def get_engine() -> Engine:
-    return _engine_for(get_settings().database_url, os.getpid())
+    def new_session(self) -> Session:
+        return self._factory()
 
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on error, always close."""
+        session = self._factory()
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
 
-@functools.cache
-def _sessionmaker_for(engine: Engine) -> sessionmaker[Session]:
-    from worker import hooks
-
-    factory = sessionmaker(bind=engine, expire_on_commit=False)
-    hooks.install(factory)
-    return factory
-
-
-def new_session() -> Session:
-    return _sessionmaker_for(get_engine())()
-
-
-@contextmanager
-def session_scope() -> Iterator[Session]:
-    """One transaction: commit on success, roll back on error, always close."""
-    session = new_session()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    def dispose(self) -> None:
+        self.engine.dispose()
 
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
-
-
-def reset_engines() -> None:
-    """Forget every engine (tests switching databases); call before forking nothing."""
-    for engine in _engines:
-        engine.dispose()
-    _engines.clear()
-    _engine_for.cache_clear()
-    _sessionmaker_for.cache_clear()

@@ -20,6 +20,8 @@ from typing import IO
 
 import httpx
 
+from worker.providers import registered
+
 SANDBOX_KEY = "sandbox-key"
 
 
@@ -50,7 +52,7 @@ def wait_until_http_ok(
 def sandbox_env(sandbox_url: str) -> dict[str, str]:
     """Point every provider at a sandbox."""
     env = {}
-    for provider in ("piapi", "piclaza", "lemondata"):
+    for provider in registered():
         env[f"VARIFLOW_{provider.upper()}_BASE_URL"] = f"{sandbox_url}/{provider}"
         env[f"VARIFLOW_{provider.upper()}_API_KEY"] = SANDBOX_KEY
     env["VARIFLOW_ALLOW_PRIVATE_URLS"] = "true"

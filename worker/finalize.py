@@ -1,9 +1,11 @@
-"""After a job ends: archive its result images, then tell the application.
+"""After a job ends: stop its task upstream if unwanted, archive its result images,
+then tell the application.
 
-Runs in the ``finalize_job`` task, sent after the terminal state commits.
-Each step records what it did as a job event and is safe to repeat: archived
-files are rewritten in place, and the notification carries a ``webhook-id``
-that stays the same across retries so receivers can drop duplicates.
+Runs in the ``finalize_job`` task, sent after the terminal state commits (and
+re-sent by the sweep until ``finalized_at``). Each step records what it did as
+a job event and is safe to repeat: archived files are rewritten in place, and
+the notification carries a ``webhook-id`` that stays the same across retries
+so receivers can drop duplicates.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,21 +23,24 @@ from urllib.parse import urlsplit
 import httpx
 from standardwebhooks.webhooks import Webhook
 
+from worker import jobs
+from worker.backoff import Backoff
 from worker.config import Settings
-from worker.db import session_scope
+from worker.db import Database
+from worker.errors import ErrorCode, UpstreamError, VariflowError
 from worker.images import check_public_host
-from worker.jobs import lock_job, record_event
 from worker.models import Job, utcnow
-from worker.providers.base import UpstreamError
+from worker.providers.base import PollTarget
 from worker.results import job_folder
-from worker.states import EventKind, JobStatus, Source
+from worker.runtime import Runtime
+from worker.states import JobStatus, Source
 
 log = logging.getLogger(__name__)
 
 IMAGE_TYPES = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
-class NotifyFailed(Exception):
+class NotifyFailed(VariflowError):
     """The application's endpoint did not take the notification (worth retrying)."""
 
 
@@ -144,9 +150,47 @@ def post_notification(
     return response.status_code
 
 
-def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client) -> None:
+# Notifications are retried on this schedule until VARIFLOW_NOTIFY_RETRY_FOR passes.
+NOTIFY_BACKOFF = Backoff(start=1.0, cap=300.0, floor=1.0)
+
+# Sends a Celery task by name: (name, args, kwargs, queue).
+SendTask = Callable[[str, list[str], dict[str, str], str], None]
+
+
+def finalize(
+    job_id: uuid.UUID, runtime: Runtime, send_task: SendTask, retries: int
+) -> float | None:
+    """Do what is left of a job's after-the-end work; seconds until a retry, or None when done.
+
+    Re-runnable: each step checks what is already done (archived_urls,
+    on_complete_sent_at, notified_at).
+    """
+    settings, db = runtime.settings, runtime.db
+    # Here rather than in a message of its own: finalize_job is re-sent by the
+    # sweep until it finishes, so a lost message cannot leave a paid task running.
+    if retries == 0 and _ended_unwanted(job_id, db):
+        stop_upstream_task(job_id, runtime)
+    archive(job_id, settings, runtime.http, db)
+    send_on_complete(job_id, settings, db, send_task)
+    if notify(job_id, settings, runtime.http, db):
+        with db.session() as session:
+            jobs.record_finalized(session, job_id)
+        return None
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        ended = job.completed_at if job else None
+    if ended is None or (utcnow() - ended).total_seconds() > settings.notify_retry_for:
+        with db.session() as session:
+            jobs.record_finalized(session, job_id, "gave up notifying: retry time over")
+        return None
+    with db.session() as session:
+        jobs.touch(session, job_id)  # still working on it: the sweep leaves it be
+    return NOTIFY_BACKOFF.delay(retries)
+
+
+def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> None:
     """Archive once: skipped when the job has archived URLs already."""
-    with session_scope() as session:
+    with db.session() as session:
         snapshot = session.get(Job, job_id)
         if snapshot is None or snapshot.status != JobStatus.COMPLETED or snapshot.archived_urls:
             return
@@ -155,45 +199,94 @@ def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client) -> None
         return
     # Downloads run outside any transaction: no row (or SQLite) lock is held meanwhile.
     archived = archive_results(snapshot, settings, client)
-    with session_scope() as session:
-        job = lock_job(session, job_id)
-        if job is None or job.archived_urls:
-            return
-        job.archived_urls = archived.urls
-        message = f"archived {len(archived.urls)} of {len(result_urls)} result image(s)"
-        if archived.errors:
-            message += "; failed: " + "; ".join(archived.errors)
-        record_event(session, job, Source.FINALIZE, message)
+    message = f"archived {len(archived.urls)} of {len(result_urls)} result image(s)"
+    if archived.errors:
+        message += "; failed: " + "; ".join(archived.errors)
+    with db.session() as session:
+        jobs.record_archive(session, job_id, archived.urls, message)
 
 
-def notify(job_id: uuid.UUID, settings: Settings, client: httpx.Client) -> bool:
+def notify(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> bool:
     """POST to the job's notify_url; True when done (or nothing to do), False to retry."""
-    with session_scope() as session:
+    with db.session() as session:
         job = session.get(Job, job_id)
         if job is None or not job.notify_url or job.notified_at is not None:
             return True
         url, body = job.notify_url, final_state(job)
     if settings.notify_secret is None:
-        _record(job_id, "notify_url set but VARIFLOW_NOTIFY_SECRET is not: not sent")
+        _record(db, job_id, "notify_url set but VARIFLOW_NOTIFY_SECRET is not: not sent")
         return True
     try:
         status = post_notification(url, body, notification_id(job_id), settings, client)
     except NotifyFailed as exc:
-        _record(job_id, f"notification to {_host(url)} failed: {exc}")
+        _record(db, job_id, f"notification to {_host(url)} failed: {exc}")
         return False
-    with session_scope() as session:
-        job = lock_job(session, job_id)
-        if job is not None:
-            job.notified_at = utcnow()
-            record_event(session, job, Source.FINALIZE, f"notified {_host(url)}: HTTP {status}")
+    with db.session() as session:
+        jobs.record_notified(session, job_id, f"notified {_host(url)}: HTTP {status}")
     return True
 
 
-def _record(job_id: uuid.UUID, message: str) -> None:
-    with session_scope() as session:
-        job = lock_job(session, job_id)
-        if job is not None:
-            record_event(session, job, Source.FINALIZE, message, kind=EventKind.INFO)
+def send_on_complete(
+    job_id: uuid.UUID, settings: Settings, db: Database, send_task: SendTask
+) -> None:
+    """Send the application's own Celery task (named per job or by configuration), once."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.on_complete_sent_at is not None:
+            return
+        name = job.on_complete_task or settings.on_complete_task
+        status, provider = job.status, job.provider
+    if not name:
+        return
+    send_task(
+        name, [str(job_id)], {"status": status, "provider": provider}, settings.on_complete_queue
+    )
+    with db.session() as session:
+        jobs.record_on_complete_sent(session, job_id, name)
+
+
+def stop_upstream_task(
+    job_id: uuid.UUID, runtime: Runtime, upstream_task_id: str | None = None
+) -> None:
+    """Ask the provider to stop the job's task (or ``upstream_task_id``); record the answer.
+
+    Safe to repeat: cancelling a task that is no longer pending is a "no".
+    """
+    with runtime.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        task_id = upstream_task_id or job.upstream_task_id
+        adapter = runtime.providers.get(job.provider)
+        if not task_id or not adapter.can_cancel:
+            return
+        target = PollTarget(job.id, task_id, job.poll_url)
+    try:
+        cancelled = adapter.cancel(target)
+    except UpstreamError as exc:
+        cancelled, note = False, exc.message
+    else:
+        note = (
+            "cancelled upstream" if cancelled else "provider could not cancel (no longer pending)"
+        )
+    with runtime.session() as session:
+        jobs.note(session, job_id, Source.CANCEL, f"upstream task {task_id}: {note}")
+
+
+def _ended_unwanted(job_id: uuid.UUID, db: Database) -> bool:
+    """Cancelled or timed out while a task may still run upstream."""
+    with db.session() as session:
+        job = session.get(Job, job_id)
+        return (
+            job is not None
+            and bool(job.upstream_task_id)
+            and (job.status == JobStatus.CANCELLED or job.error_code == ErrorCode.TIMEOUT)
+        )
+
+
+def _record(db: Database, job_id: uuid.UUID, message: str) -> None:
+    with db.session() as session:
+        jobs.note(session, job_id, Source.FINALIZE, message)
 
 
 def _host(url: str) -> str:

@@ -1,74 +1,53 @@
 """What happens after a job's terminal state is committed.
 
-apply_update() notes terminal transitions on the session; once the
-transaction commits (never before: a rolled-back change must not notify
-anyone), each is handed to the callbacks registered here.
+:func:`worker.jobs.apply_update` notes terminal transitions on the session;
+once the transaction commits (never before: a rolled-back change must not
+notify anyone), each is handed to the consumers the process's entry point
+gave its :class:`worker.db.Database` — sending ``finalize_job`` and counting
+the job in the metrics. Nothing registers itself by being imported.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+
+from worker.status import TerminalJob
 
 log = logging.getLogger(__name__)
 
 PENDING_KEY = "variflow_terminal_jobs"
 
+Consumer = Callable[[TerminalJob], None]
 
-@dataclass(frozen=True)
-class TerminalJob:
-    job_id: uuid.UUID
-    provider: str
-    status: str
-    created_at: datetime
-    submitted_at: datetime | None
-    completed_at: datetime
-
-
-Callback = Callable[[TerminalJob], None]
-_callbacks: list[Callback] = []
-
-
-def on_terminal(callback: Callback) -> Callback:
-    """Register a callback (a decorator); callbacks must be quick and must not raise."""
-    _callbacks.append(callback)
-    return callback
+__all__ = ["Consumer", "TerminalJob", "install", "note_terminal"]
 
 
 def note_terminal(session: Session, job: TerminalJob) -> None:
     session.info.setdefault(PENDING_KEY, []).append(job)
 
 
-def _after_commit(session: Session) -> None:
-    pending = session.info.pop(PENDING_KEY, [])
-    if pending:
-        _load_consumers()
-    for job in pending:
-        for callback in _callbacks:
-            try:
-                callback(job)
-            except Exception:  # one broken consumer must not hide the others
-                log.exception("terminal hook %s failed for job %s", callback, job.job_id)
+def install(factory: sessionmaker[Session], consumers: Sequence[Consumer]) -> None:
+    """Hand every terminal job noted in a session of ``factory`` to ``consumers`` after commit.
 
+    Consumers must be quick and must not raise; one that does is logged and
+    the others still run.
+    """
+    chosen = tuple(consumers)
 
-@functools.cache
-def _load_consumers() -> None:
-    # The consumers register themselves on import; every process that can end
-    # a job (web app, worker, an application calling cancel_job) loads them.
-    import worker.tasks  # noqa: F401  (finalize_job: archive + notify)
+    def after_commit(session: Session) -> None:
+        for job in session.info.pop(PENDING_KEY, []):
+            for consumer in chosen:
+                try:
+                    consumer(job)
+                except Exception:  # one broken consumer must not hide the others
+                    log.exception("terminal consumer %s failed for job %s", consumer, job.job_id)
 
+    def after_rollback(session: Session, _transaction: object) -> None:
+        session.info.pop(PENDING_KEY, None)
 
-def _after_rollback(session: Session) -> None:
-    session.info.pop(PENDING_KEY, None)
-
-
-def install(session_factory: object) -> None:
-    event.listen(session_factory, "after_commit", _after_commit)
-    event.listen(session_factory, "after_soft_rollback", lambda s, _tx: _after_rollback(s))
+    event.listen(factory, "after_commit", after_commit)
+    event.listen(factory, "after_soft_rollback", after_rollback)

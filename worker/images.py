@@ -11,15 +11,11 @@ from urllib.parse import urlsplit
 import httpx
 
 from worker.config import Settings
-from worker.providers.base import InputImage, PermanentUpstreamError, TransientUpstreamError
+from worker.errors import InputImageError, InvalidInput, TransientUpstreamError
+from worker.providers.base import InputImage
 
 ImageInput = str | bytes | os.PathLike[str]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class InputImageError(PermanentUpstreamError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="invalid_input")
 
 
 def content_type(content: bytes) -> str:
@@ -33,27 +29,27 @@ def content_type(content: bytes) -> str:
 
 
 def resolve_image(image: ImageInput, max_bytes: int) -> tuple[str | None, InputImage | None]:
-    """An image argument as (URL, None) or (None, bytes read now). ValueError names it."""
+    """An image argument as (URL, None) or (None, bytes read now). InvalidInput names it."""
     if isinstance(image, bytes | bytearray):
         data = bytes(image)
         name = "image.png"
     elif isinstance(image, str) and urlsplit(image).scheme in ("http", "https"):
         if not urlsplit(image).hostname:
-            raise ValueError(f"image: {image!r} has no host")
+            raise InvalidInput("image", f"{image!r} has no host")
         return image, None
     elif isinstance(image, str | os.PathLike):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"image: {str(image)!r} is neither an http(s) URL nor a file")
+            raise InvalidInput("image", f"{str(image)!r} is neither an http(s) URL nor a file")
         if path.stat().st_size > max_bytes:
-            raise ValueError(f"image: {path.name} is over the limit of {max_bytes} bytes")
+            raise InvalidInput("image", f"{path.name} is over the limit of {max_bytes} bytes")
         data, name = path.read_bytes(), path.name
     else:
-        raise ValueError("image: a URL, a file path or bytes")
+        raise InvalidInput("image", "a URL, a file path or bytes")
     if not data:
-        raise ValueError("image: empty")
+        raise InvalidInput("image", "empty")
     if len(data) > max_bytes:
-        raise ValueError(f"image: {len(data)} bytes is over the limit of {max_bytes}")
+        raise InvalidInput("image", f"{len(data)} bytes is over the limit of {max_bytes}")
     return None, InputImage(data, name, content_type(data))
 
 

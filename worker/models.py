@@ -27,7 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from worker.states import JobStatus
+from worker.status import JobStatus
 
 # Stable constraint names, so Alembic can compare and drop them on every backend.
 NAMING = {

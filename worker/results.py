@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from worker.config import Settings
-from worker.states import UpstreamState
+from worker.status import UpstreamState
 
 
 def job_folder(settings: Settings, job_id: uuid.UUID) -> Path:

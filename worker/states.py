@@ -1,13 +1,14 @@
 """Job statuses and the one transition function.
 
-Webhooks, polls, the submit task, the sweep and cancel all describe what they
+Webhooks, polls, the submit flow, the sweep and cancel all describe what they
 learned as an :class:`UpstreamState` and hand it to :func:`transition`, which
 decides what to write and which event to record. It is pure: no I/O, no clock
 (``now`` is passed in), so every rule is testable on its own.
 
 Rules: status only moves forward (queued < submitted < processing < terminal);
-a terminal job never changes; a stale, duplicate or out-of-order update is an
-``ignored`` event, never an exception.
+a terminal job never changes; a stale, duplicate or out-of-order update —
+including one about an upstream task that is not the job's — is an ``ignored``
+event, never an exception.
 """
 
 from __future__ import annotations
@@ -15,75 +16,33 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Protocol
 
+from worker.errors import ErrorCode
+from worker.status import (
+    ACTIVE_UPSTREAM_STATUSES,
+    TERMINAL_STATUSES,
+    EventKind,
+    JobStatus,
+    Source,
+    UpstreamState,
+)
 
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    SUBMITTED = "submitted"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self]
-
-    @property
-    def is_terminal(self) -> bool:
-        return self.rank == _TERMINAL_RANK
-
-
-_TERMINAL_RANK = 3
-_RANK = {
-    JobStatus.QUEUED: 0,
-    JobStatus.SUBMITTED: 1,
-    JobStatus.PROCESSING: 2,
-    JobStatus.COMPLETED: _TERMINAL_RANK,
-    JobStatus.FAILED: _TERMINAL_RANK,
-    JobStatus.CANCELLED: _TERMINAL_RANK,
-}
-TERMINAL_STATUSES = frozenset(s for s in JobStatus if s.is_terminal)
-ACTIVE_UPSTREAM_STATUSES = frozenset({JobStatus.SUBMITTED, JobStatus.PROCESSING})
-
-
-class Source(StrEnum):
-    """Who learned what an update says."""
-
-    API = "api"
-    SUBMIT = "submit"
-    WEBHOOK = "webhook"
-    POLL = "poll"
-    SWEEP = "sweep"
-    CANCEL = "cancel"
-    FINALIZE = "finalize"
-
-
-class EventKind(StrEnum):
-    TRANSITION = "transition"
-    PROGRESS = "progress"
-    IGNORED = "ignored"
-    INFO = "info"
-
-
-@dataclass(frozen=True)
-class UpstreamState:
-    """What one source says the job's state is now."""
-
-    status: JobStatus
-    source: Source
-    progress: int | None = None
-    image_urls: tuple[str, ...] = ()
-    error_code: str | None = None
-    error_message: str | None = None
-    upstream_task_id: str | None = None
-    # A small, redacted summary of what was received, kept in the event.
-    payload: Mapping[str, Any] | None = None
-    # Result images the provider sent inline (base64): stored by variflow and
-    # turned into image_urls (worker.results.store_inline) before a transition.
-    images: tuple[bytes, ...] = field(default=(), repr=False)
+__all__ = [
+    "ACTIVE_UPSTREAM_STATUSES",
+    "NO_RESULT",
+    "TERMINAL_STATUSES",
+    "UPSTREAM_FAILED",
+    "EventKind",
+    "EventRecord",
+    "JobLike",
+    "JobStatus",
+    "Source",
+    "Transition",
+    "UpstreamState",
+    "foreign_task",
+    "transition",
+]
 
 
 class JobLike(Protocol):
@@ -127,8 +86,8 @@ class Transition:
         )
 
 
-NO_RESULT = "no_result"
-UPSTREAM_FAILED = "upstream_failed"
+NO_RESULT = ErrorCode.NO_RESULT.value
+UPSTREAM_FAILED = ErrorCode.UPSTREAM_FAILED.value
 
 
 def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition:
@@ -150,11 +109,7 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
 
     if current.is_terminal:
         return ignored(f"job is already {current}")
-    if (
-        update.upstream_task_id
-        and job.upstream_task_id
-        and update.upstream_task_id != job.upstream_task_id
-    ):
+    if foreign_task(job, update):
         return ignored(f"update is for upstream task {update.upstream_task_id!r}")
     if update.status.rank < current.rank:
         return ignored(f"stale: {update.status} after {current}")
@@ -212,6 +167,20 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
         event=EventRecord(
             update.source, EventKind.TRANSITION, current, target, message, update.payload
         ),
+    )
+
+
+def foreign_task(job: JobLike, update: UpstreamState) -> bool:
+    """The update is about an upstream task that is not the one this job follows.
+
+    The one home of this rule: the transition ignores such an update, and the
+    webhook receiver answers it with 409 (a provider calling the wrong job's
+    URL is a bug on its side worth seeing, not a retry).
+    """
+    return bool(
+        update.upstream_task_id
+        and job.upstream_task_id
+        and update.upstream_task_id != job.upstream_task_id
     )
 
 

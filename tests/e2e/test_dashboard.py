@@ -21,8 +21,8 @@ from sqlalchemy import select
 from tests.conftest import REQUIRE_SERVICES, Configure
 from tests.e2e.conftest import RunningStack
 from worker.api import submit_variation
-from worker.db import session_scope
 from worker.models import Job
+from worker.runtime import session_scope
 
 try:
     from selenium import webdriver

@@ -21,9 +21,9 @@ from tests.e2e.conftest import RunningStack
 from tests.unit.test_finalize import Reply, Server
 from worker.api import JobInfo, get_job, submit_variation
 from worker.config import Settings, get_settings
-from worker.db import session_scope
 from worker.finalize import notification_id
 from worker.models import Job
+from worker.runtime import session_scope
 
 pytestmark = pytest.mark.e2e
 

@@ -14,16 +14,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from webhooks import create_app
-from worker import metrics
-from worker.db import get_engine, session_scope
+from worker import job_stats, metrics
 from worker.models import Job, utcnow
+from worker.runtime import current, session_scope
 
 
 @pytest.fixture(autouse=True)
 def _fresh_metrics() -> Iterator[None]:
     metrics.reset_metrics()
+    job_stats.job_stats_cache.clear()
     yield
     metrics.reset_metrics()
+    job_stats.job_stats_cache.clear()
 
 
 @pytest.fixture(
@@ -97,17 +99,17 @@ def test_one_grouped_query_per_cache_window(
         {"status": "completed", "upstream_task_id": "d", "completed_at": now},
     )
     clock = [500.0]
-    monkeypatch.setattr(metrics.job_stats_cache, "clock", lambda: clock[0])
+    monkeypatch.setattr(job_stats.job_stats_cache, "clock", lambda: clock[0])
     statements: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         statements.append(" ".join(statement.split()))
 
-    engine = get_engine()
+    engine = current().db.engine
     event.listen(engine, "before_cursor_execute", record)
     try:
         first = scrape(client)
-        clock[0] += metrics.STATS_TTL / 2
+        clock[0] += job_stats.STATS_TTL / 2
         second = scrape(client)  # within the window: nothing is asked
         on_jobs = [s for s in statements if "jobs" in s]
         assert len(on_jobs) == 2, on_jobs
@@ -119,7 +121,7 @@ def test_one_grouped_query_per_cache_window(
         assert "min(jobs.next_poll_at)" in lag_query
         assert "UNION ALL" in lag_query
 
-        clock[0] += metrics.STATS_TTL  # the window has passed: asked again, once
+        clock[0] += job_stats.STATS_TTL  # the window has passed: asked again, once
         scrape(client)
         assert len([s for s in statements if "jobs" in s]) == 4
     finally:

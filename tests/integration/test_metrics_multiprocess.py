@@ -31,7 +31,10 @@ CHILD = textwrap.dedent(
     """
     import sys
     from worker import metrics
+    from worker.config import get_settings
 
+    settings = get_settings()  # what a process's entry point does
+    metrics.configure(settings.metrics_folder, settings.provider_names)
     n = int(sys.argv[1])
     for _ in range(n):
         metrics.count_webhook("piapi", "accepted")
@@ -121,7 +124,10 @@ OTHER_CONTAINER = textwrap.dedent(
     os.getpid = lambda: pid
     socket.gethostname = lambda: "other_container"
     from worker import metrics
+    from worker.config import get_settings
 
+    settings = get_settings()  # what a process's entry point does
+    metrics.configure(settings.metrics_folder, settings.provider_names)
     for _ in range(4):
         metrics.count_webhook("piapi", "accepted")
     print(metrics.process_id())

@@ -13,15 +13,16 @@ from sqlalchemy import select, update
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
-from tests.conftest import Configure
+from tests.conftest import Configure, runtime_of
 from tests.integration.test_submit_guarantees import PIAPI, at_once, expire_claim, wait_until
 from worker.api import get_job, submit_variation
-from worker.db import session_scope
 from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
 from worker.polling import lease_due, poll_jobs, push_back_provider
+from worker.runtime import current, session_scope
+from worker.submit import claim_for_submit
 from worker.sweep import sweep
-from worker.tasks import claim_for_submit, finalize_job, submit_job
+from worker.tasks import finalize_job, submit_job
 
 pytestmark = pytest.mark.services
 
@@ -75,7 +76,7 @@ def test_two_pollers_at_once_never_lease_one_job_twice(
 
     def poller() -> None:
         mine = []
-        while batches := lease_due(settings):
+        while batches := lease_due(runtime_of(settings)):
             mine += [str(i) for b in batches for i in b.job_ids]
         with lock:
             leased.append(mine)
@@ -96,8 +97,8 @@ def test_a_poll_cycle_makes_one_request_per_batch_and_completes_jobs(
     _make_due()
     before = sandbox.state.stats()["piclaza_batch"]["queries"]
 
-    for batch in lease_due(settings):
-        poll_jobs(batch.provider, batch.job_ids, settings)
+    for batch in lease_due(runtime_of(settings)):
+        poll_jobs(batch.provider, batch.job_ids, runtime_of(settings))
 
     assert sandbox.state.stats()["piclaza_batch"]["queries"] - before == 3  # ceil(10 / 4)
     assert {get_job(i).status for i in ids} == {"completed"}
@@ -111,13 +112,13 @@ def test_retry_after_pushes_every_job_of_the_provider_back(
     _make_due()
     sandbox.state.update_config(rate_limit_all=True, retry_after_seconds=30)
 
-    for batch in lease_due(settings):
-        poll_jobs(batch.provider, batch.job_ids, settings)
+    for batch in lease_due(runtime_of(settings)):
+        poll_jobs(batch.provider, batch.job_ids, runtime_of(settings))
 
     with session_scope() as session:
         next_polls = list(session.scalars(select(Job.next_poll_at)))
     assert all(t is not None and t > utcnow() + timedelta(seconds=25) for t in next_polls)
-    assert push_back_provider("piclaza", 1) == 0  # nothing is due earlier than that now
+    assert push_back_provider("piclaza", 1, current()) == 0  # nothing is due earlier than that now
 
 
 def test_sweep_resends_a_job_whose_message_was_lost(
@@ -127,7 +128,7 @@ def test_sweep_resends_a_job_whose_message_was_lost(
     job = submit_variation("piapi", **PIAPI)
     settings = configure(lost_message_grace=0)
 
-    report = sweep(settings)
+    report = sweep(runtime_of(settings))
 
     assert report.resent == [job.id]
     assert any("sent again" in (e.message or "") for e in get_job(job.id).events)
@@ -136,12 +137,15 @@ def test_sweep_resends_a_job_whose_message_was_lost(
 def test_sweep_releases_a_dead_workers_claim(
     pg_url: str, redis_url: str, configure: Configure, sandbox: SandboxServer
 ) -> None:
+    # The task stays pending upstream: on a busy machine a 0.05 s task could already be
+    # finished when the sandbox answers the create, and the job would complete at once.
+    sandbox.state.update_config(pending_seconds=60)
     settings = configure()
     job = submit_variation("piapi", **PIAPI)
-    assert claim_for_submit(job.id, settings) is not None  # the worker dies holding it
+    assert claim_for_submit(job.id, runtime_of(settings)) is not None  # the worker dies holding it
     expire_claim(job.id)
 
-    assert job.id in sweep(settings).released
+    assert job.id in sweep(runtime_of(settings)).released
     submit_job(str(job.id), provider="piapi")  # what the re-sent message does
 
     # Accepted upstream (the sandbox may already say "processing" on a busy machine).
@@ -157,7 +161,7 @@ def test_sweep_fails_an_overdue_job_with_timeout(
     submit_job(str(job.id), provider="piapi")
     assert get_job(job.id).status == "submitted"
 
-    wait_until(lambda: job.id in sweep(configure()).timed_out)
+    wait_until(lambda: job.id in sweep(runtime_of(configure())).timed_out)
 
     done = get_job(job.id)
     assert done.status == "failed"
@@ -170,13 +174,13 @@ def test_a_timed_out_job_is_cancelled_upstream_until_finalize_finishes(
     sandbox.state.update_config(pending_seconds=60)
     job = submit_variation("piapi", deadline=0.5, **PIAPI)
     submit_job(str(job.id), provider="piapi")
-    wait_until(lambda: job.id in sweep(configure()).timed_out)
+    wait_until(lambda: job.id in sweep(runtime_of(configure())).timed_out)
 
     # Its finalize message was lost: the sweep keeps offering it ...
-    assert job.id in sweep(configure(lost_message_grace=0)).refinalize
+    assert job.id in sweep(runtime_of(configure(lost_message_grace=0))).refinalize
     # ... and running it stops the paid task upstream and ends the after-work.
     finalize_job(str(job.id))
 
     assert [t.cancelled for t in sandbox.state.tasks()] == [True]
     assert any("cancelled upstream" in (e.message or "") for e in get_job(job.id).events)
-    assert job.id not in sweep(configure(lost_message_grace=0)).refinalize
+    assert job.id not in sweep(runtime_of(configure(lost_message_grace=0))).refinalize

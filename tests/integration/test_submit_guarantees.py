@@ -15,13 +15,14 @@ from sqlalchemy import func, select
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
-from tests.conftest import Configure
+from tests.conftest import Configure, runtime_of
 from worker.api import get_job, submit_variation
-from worker.db import session_scope
 from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
+from worker.runtime import session_scope
+from worker.submit import claim_for_submit
 from worker.sweep import sweep
-from worker.tasks import claim_for_submit, submit_job
+from worker.tasks import submit_job
 
 pytestmark = pytest.mark.services
 T = TypeVar("T")
@@ -88,7 +89,7 @@ def test_broker_down_at_submit_keeps_the_job(
     assert get_job(job.id).status == "queued"
     assert "the sweep will send it again" in caplog.text
     # The hook the sweep uses: this job is due to be sent again.
-    assert job.id in sweep(configure(lost_message_grace=0)).resent
+    assert job.id in sweep(runtime_of(configure(lost_message_grace=0))).resent
 
 
 def test_an_expired_claim_lets_another_worker_submit(
@@ -96,9 +97,9 @@ def test_an_expired_claim_lets_another_worker_submit(
 ) -> None:
     settings = configure()
     job = submit_variation("piapi", **PIAPI)
-    first = claim_for_submit(job.id, settings)  # a worker claims it ... and dies here
+    first = claim_for_submit(job.id, runtime_of(settings))  # a worker claims it ... and dies here
     assert first is not None
-    assert claim_for_submit(job.id, settings) is None  # the claim holds meanwhile
+    assert claim_for_submit(job.id, runtime_of(settings)) is None  # the claim holds meanwhile
 
     expire_claim(job.id)  # VARIFLOW_SUBMIT_CLAIM_TTL passes
     submit_job(str(job.id), provider="piapi")

@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 
 from worker import JobNotFound, cancel_job, get_job, submit_variation, wait
 from worker.api import JobInfo
-from worker.db import session_scope
 from worker.models import Job, JobEvent
+from worker.runtime import session_scope
 from worker.states import JobStatus
 
 pytestmark = pytest.mark.usefixtures("sqlite_url")

@@ -24,9 +24,9 @@ from sqlalchemy import func, select, update
 from worker.api import JobInfo, get_job, submit_variation
 from worker.cli import cli
 from worker.config import ConfigError, Settings
-from worker.db import session_scope
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, JobEvent
+from worker.runtime import session_scope
 from worker.states import JobStatus, Source, UpstreamState
 
 Configure = Callable[..., Settings]
@@ -250,6 +250,24 @@ def test_submit_a_local_image_file(runner: CliRunner, tmp_path: Path) -> None:
     job = get_job(lemondata.output.strip())
     assert job.params["n"] == 2
     assert "image_url" not in job.params  # the file's bytes are stored with the job
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_takes_any_provider_field_as_a_param(runner: CliRunner, tmp_path: Path) -> None:
+    # A provider's fields need no option of their own: a new provider needs no CLI change.
+    image = square_png(tmp_path / "cat.png")
+
+    result = run(runner, "submit", "piclaza", "--image", str(image), "-p", "grouping=true")
+    unknown = run(runner, "submit", "piclaza", "--image", str(image), "--param", "colour=red")
+    malformed = run(runner, "submit", "piclaza", "--image", str(image), "--param", "grouping")
+
+    assert result.exit_code == 0, result.output
+    assert get_job(result.output.strip()).params == {"grouping": True}
+    assert unknown.exit_code == 2
+    assert "colour:" in unknown.output
+    assert malformed.exit_code == 2
+    assert "NAME=VALUE" in malformed.output
+    assert job_count() == 1
 
 
 @pytest.mark.usefixtures("db")

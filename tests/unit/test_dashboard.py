@@ -19,8 +19,8 @@ from tests.conftest import Configure
 from webhooks import create_app
 from webhooks.dashboard import PAGE_SIZE
 from worker.config import get_settings
-from worker.db import get_engine, session_scope
 from worker.models import Job, JobEvent, JobInput, utcnow
+from worker.runtime import current, session_scope
 
 USER = "ops"
 PASSWORD = "pa55:w0rd é"  # a colon and a non-ASCII letter, both legal in basic auth
@@ -97,7 +97,7 @@ def selects() -> Iterator[list[str]]:
         if statement.lstrip().upper().startswith("SELECT"):
             seen.append(statement)
 
-    engine = get_engine()
+    engine = current().db.engine
     event.listen(engine, "before_cursor_execute", record)
     try:
         yield seen

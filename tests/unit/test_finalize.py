@@ -24,7 +24,6 @@ from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookV
 
 from worker.api import get_job
 from worker.config import ConfigError, Settings, load_settings
-from worker.db import session_scope
 from worker.finalize import (
     NotifyFailed,
     archive,
@@ -36,7 +35,7 @@ from worker.finalize import (
 )
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, utcnow
-from worker.providers.http import get_client
+from worker.runtime import current, session_scope
 from worker.states import JobStatus, Source, UpstreamState
 from worker.tasks import finalize_job
 
@@ -154,7 +153,7 @@ def settings(sqlite_url: str, configure: Configure, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def client(settings: Settings) -> httpx.Client:
-    return get_client()  # the worker's own client, as finalize_job uses it
+    return current().http  # the worker's own client, as finalize_job uses it
 
 
 def insert_job(status: str = "completed", **fields: Any) -> uuid.UUID:
@@ -280,7 +279,7 @@ def test_post_notification_raises_on_a_slow_endpoint(
     url = server.route("/slow", Reply(200, hold=release))
     try:
         with pytest.raises(NotifyFailed, match="Timeout"):
-            post_notification(url, {}, "msg_1", settings, get_client())
+            post_notification(url, {}, "msg_1", settings, current().http)
     finally:
         release.set()
 
@@ -371,7 +370,7 @@ def test_archive_results_keeps_its_own_result_urls_as_they_are(
     remote = server.route("/cdn/3.png", Reply(200, png(), {"Content-Type": "image/png"}))
     job = job_with([*own, remote], job_id)
 
-    archived = archive_results(job, settings, get_client())
+    archived = archive_results(job, settings, current().http)
 
     assert archived.errors == []
     assert archived.urls == [*own, f"{server.url}/results/{job_id}/3.png"]
@@ -411,7 +410,7 @@ def test_archive_results_refuses_private_hosts_by_default(
     port = server.url.rsplit(":", 1)[1]
     job = job_with([f"http://{host}:{port}/a.png"])
 
-    archived = archive_results(job, settings, get_client())
+    archived = archive_results(job, settings, current().http)
 
     assert archived.urls == []
     [error] = archived.errors
@@ -433,7 +432,7 @@ def test_archive_stores_the_urls_and_records_an_event(
     ]
     job_id = insert_job(result_urls=urls)
 
-    archive(job_id, settings, client)  # an image over the cap is recorded, not raised
+    archive(job_id, settings, client, current().db)  # an image over the cap is recorded, not raised
 
     job = load(job_id)
     assert job.archived_urls == [f"https://variflow.example.test/results/{job_id}/1.png"]
@@ -443,7 +442,7 @@ def test_archive_stores_the_urls_and_records_an_event(
     assert message.startswith("archived 1 of 2 result image(s); failed: ")
     assert "/big.png: over the limit" in message
 
-    archive(job_id, settings, client)  # once archived, never again
+    archive(job_id, settings, client, current().db)  # once archived, never again
 
     assert len(server.hits("/a.png")) == 1
     assert len(finalize_events(job_id)) == 1
@@ -456,7 +455,7 @@ def test_archive_does_nothing_when_the_result_store_is_off(
     assert not settings.archive_results
     job_id = insert_job(result_urls=[server.route("/a.png", Reply(200, png()))])
 
-    archive(job_id, settings, client)
+    archive(job_id, settings, client, current().db)
 
     assert server.requests == []
     assert load(job_id).archived_urls is None
@@ -469,7 +468,7 @@ def test_archive_skips_a_job_that_did_not_complete(
 ) -> None:
     job_id = insert_job(status, result_urls=[server.route("/a.png", Reply(200, png()))])
 
-    archive(job_id, settings, client)
+    archive(job_id, settings, client, current().db)
 
     assert server.requests == []
     assert load(job_id).archived_urls is None
@@ -483,7 +482,9 @@ def test_archive_does_not_hold_the_database_while_downloading(
     slow = server.route("/slow.png", Reply(200, png(), {"Content-Type": "image/png"}, release))
     job_id = insert_job(result_urls=[slow])
     other_id = insert_job("processing", completed_at=None)
-    archiver = threading.Thread(target=archive, args=(job_id, settings, client), daemon=True)
+    archiver = threading.Thread(
+        target=archive, args=(job_id, settings, client, current().db), daemon=True
+    )
     archiver.start()
     deadline = time.monotonic() + 10
     while not server.hits("/slow.png"):
@@ -526,11 +527,11 @@ def test_notify_records_every_attempt_and_sets_notified_at_only_on_success(
         idempotency_key="order-7",
     )
 
-    assert notify(job_id, settings, client) is False
+    assert notify(job_id, settings, client, current().db) is False
     assert load(job_id).notified_at is None
     assert finalize_events(job_id) == [f"notification to {server.host} failed: HTTP 500"]
 
-    assert notify(job_id, settings, client) is True
+    assert notify(job_id, settings, client, current().db) is True
     notified_at = load(job_id).notified_at
     assert notified_at is not None
     assert utcnow() - notified_at < timedelta(seconds=10)
@@ -555,7 +556,7 @@ def test_notify_records_every_attempt_and_sets_notified_at_only_on_success(
         assert data["error_code"] is None
 
     # Done: a later run (a duplicate task) neither posts nor records anything.
-    assert notify(job_id, settings, client) is True
+    assert notify(job_id, settings, client, current().db) is True
     assert len(server.hits("/hooks/variflow")) == 2
     assert len(finalize_events(job_id)) == 2
     assert load(job_id).notified_at == notified_at
@@ -569,7 +570,7 @@ def test_notify_tells_a_failed_job_with_its_error(
         "failed", error_code="upstream_failed", error_message="banned prompt", notify_url=url
     )
 
-    assert notify(job_id, settings, client) is True
+    assert notify(job_id, settings, client, current().db) is True
 
     [request] = server.hits("/hook")
     body = Webhook(SECRET).verify(request.body, request.headers)
@@ -586,8 +587,8 @@ def test_notify_records_an_unreachable_endpoint_and_asks_for_a_retry(
 ) -> None:
     job_id = insert_job(notify_url="http://127.0.0.1:9/hook", result_urls=["https://x/1.png"])
 
-    assert notify(job_id, settings, client) is False
-    assert notify(job_id, settings, client) is False
+    assert notify(job_id, settings, client, current().db) is False
+    assert notify(job_id, settings, client, current().db) is False
 
     assert finalize_events(job_id) == ["notification to 127.0.0.1:9 failed: ConnectError"] * 2
     assert load(job_id).notified_at is None
@@ -600,7 +601,7 @@ def test_notify_without_a_secret_records_why_and_sends_nothing(
     job_id = insert_job(notify_url=url, result_urls=["https://x/1.png"])
     unsigned = settings.model_copy(update={"notify_secret": None})
 
-    assert notify(job_id, unsigned, client) is True
+    assert notify(job_id, unsigned, client, current().db) is True
 
     assert server.requests == []
     assert finalize_events(job_id) == ["notify_url set but VARIFLOW_NOTIFY_SECRET is not: not sent"]
@@ -612,8 +613,8 @@ def test_notify_without_a_notify_url_does_nothing(
 ) -> None:
     job_id = insert_job(result_urls=["https://x/1.png"])
 
-    assert notify(job_id, settings, client) is True
-    assert notify(uuid.uuid4(), settings, client) is True  # a job that is gone
+    assert notify(job_id, settings, client, current().db) is True
+    assert notify(uuid.uuid4(), settings, client, current().db) is True  # a job that is gone
 
     assert server.requests == []
     assert finalize_events(job_id) == []

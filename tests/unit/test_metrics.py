@@ -21,11 +21,11 @@ from tests.conftest import Configure
 from webhooks import MAX_BODY_BYTES, create_app
 from webhooks.gunicorn_conf import child_exit
 from webhooks.metrics import webhook_outcome
-from worker import metrics
-from worker.db import session_scope
+from worker import job_stats, metrics
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, utcnow
 from worker.providers.base import TransientUpstreamError, send
+from worker.runtime import session_scope
 from worker.states import EventKind, EventRecord, JobStatus, Source, UpstreamState
 
 SECRET = "s3cret"
@@ -38,8 +38,10 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture(autouse=True)
 def _fresh_metrics() -> Iterator[None]:
     metrics.reset_metrics()
+    job_stats.job_stats_cache.clear()
     yield
     metrics.reset_metrics()
+    job_stats.job_stats_cache.clear()
 
 
 @pytest.fixture
@@ -297,11 +299,11 @@ def test_job_stats_are_cached_for_the_ttl(
     client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(metrics.job_stats_cache, "clock", lambda: clock[0])
+    monkeypatch.setattr(job_stats.job_stats_cache, "clock", lambda: clock[0])
     insert_job(status="queued", upstream_task_id=None)
     assert value(scrape(client), "variflow_jobs", status="queued") == 1
     insert_job(status="queued", upstream_task_id=None)
-    clock[0] += metrics.STATS_TTL - 0.1
+    clock[0] += job_stats.STATS_TTL - 0.1
     assert value(scrape(client), "variflow_jobs", status="queued") == 1  # cached
     clock[0] += 0.2
     assert value(scrape(client), "variflow_jobs", status="queued") == 2  # refreshed

@@ -16,8 +16,8 @@ from sqlalchemy import func, select
 
 from webhooks import MAX_BODY_BYTES, create_app
 from worker.config import get_settings
-from worker.db import session_scope
 from worker.models import Job, JobEvent, utcnow
+from worker.runtime import session_scope
 from worker.webhook_secrets import hash_secret
 
 SECRET = "s3cret"
@@ -183,7 +183,7 @@ def test_non_terminal_webhook_pushes_the_fallback_poll_back(client: FlaskClient)
     job_id = insert_job(next_poll_at=utcnow())
     assert post(client, job_id, body("processing", progress=30)).status_code == 200
     job = row(job_id)
-    grace = timedelta(seconds=get_settings().piapi_webhook_grace)
+    grace = timedelta(seconds=get_settings().provider("piapi").webhook_grace)
     assert job["next_poll_at"] == job["last_webhook_at"] + grace
 
 

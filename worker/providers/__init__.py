@@ -1,57 +1,45 @@
-"""The provider registry: adapters by name, built once per process from settings."""
+"""The provider registry: which adapters variflow knows, by name.
+
+Adding a provider is one line here (plus its adapter module and its sandbox
+module): everything else — settings, capabilities, limits — the adapter
+declares itself. :func:`register` also takes adapters defined elsewhere
+(tests, a deployment's own provider).
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-
-from worker.config import KNOWN_PROVIDERS, Settings, get_settings
+from worker.errors import InvalidInput
 from worker.providers.base import Provider
-from worker.providers.http import get_client
 from worker.providers.lemondata import LemonDataProvider
 from worker.providers.piapi import PiAPIProvider
 from worker.providers.piclaza import PiclazaProvider
 
-
-def build_provider(name: str, settings: Settings) -> Provider:
-    client, base, key = get_client(), settings.base_url(name), settings.api_key(name)
-    if name == "piapi":
-        return PiAPIProvider(client, base, key)
-    if name == "piclaza":
-        return PiclazaProvider(client, base, key, batch_poll_size=settings.piclaza_batch_size)
-    if name == "lemondata":
-        return LemonDataProvider(
-            client,
-            base,
-            key,
-            max_image_bytes=settings.max_image_bytes,
-            create_timeout=settings.lemondata_create_timeout,
-        )
-    raise ValueError(f"provider: unknown provider {name!r}")
+_registry: dict[str, type[Provider]] = {}
 
 
-@functools.cache
-def _provider_for(name: str, pid: int) -> Provider:
-    return build_provider(name, get_settings())
+def register(adapter: type[Provider]) -> type[Provider]:
+    """Make an adapter class known under its ``name`` (usable as a decorator)."""
+    _registry[adapter.name] = adapter
+    return adapter
 
 
-def check_provider_name(name: object, *, for_new_job: bool = False) -> str:
-    """A known provider's name; new jobs also need it enabled (VARIFLOW_PROVIDERS).
-
-    Jobs already in flight keep their adapter when a provider is disabled, so
-    they still finish (or fail) instead of being stranded.
-    """
-    enabled = get_settings().providers
-    if not isinstance(name, str) or name not in KNOWN_PROVIDERS:
-        raise ValueError(f"provider: unknown provider {name!r} (known: {', '.join(enabled)})")
-    if for_new_job and name not in enabled:
-        raise ValueError(f"provider: {name!r} is not enabled (VARIFLOW_PROVIDERS)")
-    return name
+def unregister(name: str) -> None:
+    _registry.pop(name, None)
 
 
-def get_provider(name: str) -> Provider:
-    return _provider_for(check_provider_name(name), os.getpid())
+def registered() -> dict[str, type[Provider]]:
+    """Known adapter classes by name, in registration order."""
+    return dict(_registry)
 
 
-def reset_providers() -> None:
-    _provider_for.cache_clear()
+def adapter_class(name: object) -> type[Provider]:
+    """The adapter class of a provider name, or InvalidInput naming the field."""
+    if not isinstance(name, str) or name not in _registry:
+        raise InvalidInput("provider", f"unknown provider {name!r} (known: {', '.join(_registry)})")
+    return _registry[name]
+
+
+for _adapter in (PiAPIProvider, PiclazaProvider, LemonDataProvider):  # the registration line
+    register(_adapter)
+
+BUILTIN_PROVIDERS = tuple(_registry)

@@ -1,7 +1,14 @@
-"""What every provider adapter implements, the values they exchange, and their errors.
+"""What every provider adapter implements, the values they exchange, and their settings.
 
 Nothing outside ``worker/providers/`` knows which provider it talks to: the
-rest of variflow reads the capability flags below and calls the protocol.
+rest of variflow reads the capability flags below and calls the protocol. An
+adapter declares its own settings (a :class:`ProviderSettings` subclass read
+from ``VARIFLOW_<NAME>_*``), its capabilities and its limits; variflow's
+settings are assembled from those declarations (worker/config.py), and the
+adapter is built from its section with :meth:`Provider.from_settings`.
+
+Adapters import only the ground floor (errors, status values, metrics
+counters): no settings, no database, no Celery, no flows.
 """
 
 from __future__ import annotations
@@ -13,50 +20,41 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, Self
 
 import httpx
+from pydantic import AnyHttpUrl, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.errors import (
+    ErrorCode,
+    InvalidInput,
+    InvalidWebhook,
+    PermanentUpstreamError,
+    ProviderNotConfigured,
+    TransientUpstreamError,
+    UpstreamError,
+)
 from worker.metrics import observe_upstream, upstream_outcome
-from worker.states import UpstreamState
+from worker.status import UpstreamState
+
+__all__ = [
+    "AdapterContext",
+    "InputImage",
+    "InvalidInput",
+    "InvalidWebhook",
+    "PermanentUpstreamError",
+    "PollTarget",
+    "Provider",
+    "ProviderNotConfigured",
+    "ProviderSettings",
+    "Submission",
+    "SubmitRequest",
+    "TransientUpstreamError",
+    "UpstreamError",
+]
 
 TRANSIENT_STATUS_CODES = frozenset({429, 500, 502, 503, 504})
-
-
-class UpstreamError(Exception):
-    """A provider call did not give a usable answer."""
-
-    def __init__(self, message: str, *, code: str = "upstream_error") -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class TransientUpstreamError(UpstreamError):
-    """Worth retrying later: connection trouble, timeouts, 429 and 5xx."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str = "upstream_unavailable",
-        retry_after: float | None = None,
-        maybe_processed: bool = False,
-    ) -> None:
-        super().__init__(message, code=code)
-        self.retry_after = retry_after
-        # The request went out and no clear answer came back (a read timeout,
-        # a dropped connection, a garbled 2xx): a create may have happened.
-        self.maybe_processed = maybe_processed
-
-
-class PermanentUpstreamError(UpstreamError):
-    """The provider refused the request; retrying cannot help. The job fails with it."""
-
-
-class ProviderNotConfigured(PermanentUpstreamError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="provider_not_configured")
 
 
 @dataclass(frozen=True)
@@ -90,8 +88,37 @@ class PollTarget:
     poll_url: str | None = None
 
 
+class ProviderSettings(BaseSettings):
+    """A provider's own settings, read from ``VARIFLOW_<NAME>_*`` (the prefix is set
+    by worker/config.py from the adapter's name). Subclasses add their fields,
+    with defaults and bounds, and give ``base_url`` its default."""
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    api_key: SecretStr | None = None
+    base_url: AnyHttpUrl
+
+    def key(self) -> str | None:
+        """The API key in clear text, for the adapter's auth header only."""
+        return self.api_key.get_secret_value() if self.api_key else None
+
+    def longest_call(self, http_timeout: float) -> float:
+        """The longest a single call to this provider may take (a submit claim must outlive it)."""
+        return http_timeout
+
+
+@dataclass(frozen=True)
+class AdapterContext:
+    """What an adapter gets from the process besides its own settings."""
+
+    client: httpx.Client
+    max_image_bytes: int = 4 * 1024 * 1024
+
+
 class Provider(Protocol):
     name: ClassVar[str]
+    # The adapter's settings section (VARIFLOW_<NAME>_*).
+    settings_model: ClassVar[type[ProviderSettings]]
     supports_webhook: ClassVar[bool]
     # The header a webhook carries its shared secret in (webhook providers only).
     webhook_secret_header: ClassVar[str | None]
@@ -100,9 +127,17 @@ class Provider(Protocol):
     needs_image_bytes: ClassVar[bool]
     # Jobs one poll request can carry (1 = one request per job).
     batch_poll_size: int
+    # Webhook providers: how long a job may go without a webhook before it is
+    # polled (None for providers that are only polled).
+    webhook_grace: float | None
+
+    @classmethod
+    def from_settings(cls, settings: Any, context: AdapterContext) -> Self:
+        """The adapter for its settings section (an instance of ``settings_model``)."""
+        ...
 
     def validate(self, params: Mapping[str, Any], image: InputImage | None) -> dict[str, Any]:
-        """Normalised params, or ValueError naming the wrong field. No I/O.
+        """Normalised params, or InvalidInput naming the wrong field. No I/O.
 
         An input image arrives either as ``params["image_url"]`` or as ``image``.
         """
@@ -115,7 +150,9 @@ class Provider(Protocol):
         ...
 
     def parse_webhook(self, body: Any) -> UpstreamState:
-        """The state a webhook body reports (with its upstream task id); ValueError if malformed."""
+        """The state a webhook body reports (with its upstream task id).
+
+        InvalidWebhook when the body is malformed."""
         ...
 
     def cancel(self, target: PollTarget) -> bool:
@@ -175,7 +212,9 @@ def send(
     if response.status_code in TRANSIENT_STATUS_CODES:
         raise TransientUpstreamError(
             f"{provider}: HTTP {response.status_code}",
-            code="rate_limited" if response.status_code == 429 else "upstream_unavailable",
+            code=ErrorCode.RATE_LIMITED
+            if response.status_code == 429
+            else ErrorCode.UPSTREAM_UNAVAILABLE,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
     return response
@@ -205,13 +244,13 @@ def json_body(response: httpx.Response, provider: str) -> Any:
 def require_str(params: Mapping[str, Any], name: str) -> str:
     value = params.get(name)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{name}: required, a non-empty string")
+        raise InvalidInput(name, "required, a non-empty string")
     return value.strip()
 
 
 def reject_image(params: Mapping[str, Any], image: InputImage | None, provider: str) -> None:
     if image is not None or "image_url" in params:
-        raise ValueError(f"image: {provider} does not take an input image")
+        raise InvalidInput("image", f"{provider} does not take an input image")
 
 
 def error_message(body: Any) -> str | None:
@@ -230,6 +269,6 @@ def error_message(body: Any) -> str | None:
 def reject_unknown(params: Mapping[str, Any], allowed: set[str], provider: str) -> None:
     unknown = sorted(set(params) - allowed)
     if unknown:
-        raise ValueError(
-            f"{unknown[0]}: not a {provider} parameter (allowed: {', '.join(sorted(allowed))})"
+        raise InvalidInput(
+            unknown[0], f"not a {provider} parameter (allowed: {', '.join(sorted(allowed))})"
         )

@@ -1,30 +1,15 @@
-"""The one httpx.Client of a process, with explicit timeouts."""
+"""The HTTP client adapters talk through: explicit timeouts, no redirects."""
 
 from __future__ import annotations
 
-import functools
-import os
-
 import httpx
 
-from worker.config import get_settings
 
-
-@functools.cache
-def _client_for(pid: int) -> httpx.Client:
-    settings = get_settings()
+def make_client(timeout: float, connect_timeout: float) -> httpx.Client:
+    """One per process (a forked Celery child makes its own: sockets do not cross a fork)."""
     return httpx.Client(
-        timeout=httpx.Timeout(settings.http_timeout, connect=settings.http_connect_timeout),
+        timeout=httpx.Timeout(timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
         headers={"User-Agent": "variflow/0.1"},
         follow_redirects=False,
     )
-
-
-def get_client() -> httpx.Client:
-    # Keyed by pid: a forked Celery child must open its own connections.
-    return _client_for(os.getpid())
-
-
-def reset_client() -> None:
-    _client_for.cache_clear()

@@ -6,16 +6,20 @@ import base64
 import binascii
 import io
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
 from PIL import Image, UnidentifiedImageError
+from pydantic import AnyHttpUrl, Field
 
+from worker.errors import ErrorCode, InvalidInput, InvalidWebhook
 from worker.providers.base import (
+    AdapterContext,
     InputImage,
     PermanentUpstreamError,
     PollTarget,
     ProviderNotConfigured,
+    ProviderSettings,
     Submission,
     SubmitRequest,
     error_message,
@@ -23,7 +27,7 @@ from worker.providers.base import (
     reject_unknown,
     send,
 )
-from worker.states import JobStatus, Source, UpstreamState
+from worker.status import JobStatus, Source, UpstreamState
 
 SIZES = ("256x256", "512x512", "1024x1024")
 FORMATS = ("url", "b64_json")
@@ -38,8 +42,20 @@ _STATUS = {
 }
 
 
+class LemonDataSettings(ProviderSettings):
+    """VARIFLOW_LEMONDATA_*: the account's key, the API's address, the create timeout."""
+
+    base_url: AnyHttpUrl = AnyHttpUrl("https://api.lemondata.cc")
+    # A synchronous create answers only when the images are done (up to ~2 min).
+    create_timeout: float = Field(default=150.0, ge=120)
+
+    def longest_call(self, http_timeout: float) -> float:
+        return max(self.create_timeout, http_timeout)
+
+
 class LemonDataProvider:
     name: ClassVar[str] = "lemondata"
+    settings_model: ClassVar[type[ProviderSettings]] = LemonDataSettings
     supports_webhook: ClassVar[bool] = False
     webhook_secret_header: ClassVar[str | None] = None
     can_cancel: ClassVar[bool] = False
@@ -60,13 +76,24 @@ class LemonDataProvider:
         self._max_image_bytes = max_image_bytes
         self._create_timeout = create_timeout
         self.batch_poll_size = 1
+        self.webhook_grace: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: LemonDataSettings, context: AdapterContext) -> Self:
+        return cls(
+            context.client,
+            str(settings.base_url),
+            settings.key(),
+            max_image_bytes=context.max_image_bytes,
+            create_timeout=settings.create_timeout,
+        )
 
     def validate(
         self, params: Mapping[str, Any], image: InputImage | None = None
     ) -> dict[str, Any]:
         reject_unknown(params, _PARAMS, self.name)
         if ("image_url" in params) == (image is not None):
-            raise ValueError("image: exactly one image is required (a URL, a path or bytes)")
+            raise InvalidInput("image", "exactly one image is required (a URL, a path or bytes)")
         if image is not None:
             self.check_image(image)
         clean: dict[str, Any] = {k: params[k] for k in ("image_url", "user") if k in params}
@@ -74,40 +101,42 @@ class LemonDataProvider:
         if isinstance(n, str) and n.isdigit():
             n = int(n)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
-            raise ValueError(f"n: an integer from 1 to 10, got {n!r}")
+            raise InvalidInput("n", f"an integer from 1 to 10, got {n!r}")
         clean["n"] = n
         clean["size"] = params.get("size", "1024x1024")
         if clean["size"] not in SIZES:
-            raise ValueError(f"size: one of {', '.join(SIZES)}, got {clean['size']!r}")
+            raise InvalidInput("size", f"one of {', '.join(SIZES)}, got {clean['size']!r}")
         clean["response_format"] = params.get("response_format", "url")
         if clean["response_format"] not in FORMATS:
-            raise ValueError(f"response_format: one of {', '.join(FORMATS)}")
+            raise InvalidInput("response_format", f"one of {', '.join(FORMATS)}")
         if params.get("model", "dall-e-2") != "dall-e-2":
-            raise ValueError("model: only dall-e-2 makes variations")
+            raise InvalidInput("model", "only dall-e-2 makes variations")
         if "user" in clean and not isinstance(clean["user"], str):
-            raise ValueError("user: must be a string")
+            raise InvalidInput("user", "must be a string")
         return clean
 
     def check_image(self, image: InputImage) -> None:
         """The file rules of providers.md §3: a valid, square PNG within the size limit."""
         if len(image.content) > self._max_image_bytes:
-            raise ValueError(
-                f"image: {len(image.content)} bytes is over the limit of {self._max_image_bytes}"
+            raise InvalidInput(
+                "image", f"{len(image.content)} bytes is over the limit of {self._max_image_bytes}"
             )
         try:
             with Image.open(io.BytesIO(image.content)) as decoded:
                 image_format, (width, height) = decoded.format, decoded.size
                 decoded.verify()
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError("image: not a readable image file") from exc
+            raise InvalidInput("image", "not a readable image file") from exc
         if image_format != "PNG":
-            raise ValueError(f"image: must be a PNG, got {image_format}")
+            raise InvalidInput("image", f"must be a PNG, got {image_format}")
         if width != height:
-            raise ValueError(f"image: must be square, got {width}x{height}")
+            raise InvalidInput("image", f"must be square, got {width}x{height}")
 
     def submit(self, request: SubmitRequest) -> Submission:
         if request.image is None:
-            raise PermanentUpstreamError("lemondata: no image to send", code="invalid_input")
+            raise PermanentUpstreamError(
+                "lemondata: no image to send", code=ErrorCode.INVALID_INPUT
+            )
         params = request.params
         form = {
             "model": "dall-e-2",
@@ -157,12 +186,12 @@ class LemonDataProvider:
             try:
                 body = self._call("GET", path, operation="poll")
             except PermanentUpstreamError as exc:
-                if exc.code != "async_task_not_found":
+                if exc.code != ErrorCode.ASYNC_TASK_NOT_FOUND:
                     raise
                 states[target.upstream_task_id] = UpstreamState(
                     JobStatus.FAILED,
                     Source.POLL,
-                    error_code="async_task_not_found",
+                    error_code=ErrorCode.ASYNC_TASK_NOT_FOUND,
                     error_message=exc.message,
                     upstream_task_id=target.upstream_task_id,
                 )
@@ -183,7 +212,7 @@ class LemonDataProvider:
         return states
 
     def parse_webhook(self, body: Any) -> UpstreamState:
-        raise ValueError("lemondata has no webhooks")
+        raise InvalidWebhook("lemondata has no webhooks")
 
     def cancel(self, target: PollTarget) -> bool:
         return False
@@ -206,7 +235,7 @@ class LemonDataProvider:
             code = error.get("code") if isinstance(error, Mapping) else None
             raise PermanentUpstreamError(
                 f"lemondata: {error_message(body) or 'error'} (HTTP {response.status_code})",
-                code=str(code) if code else "upstream_rejected",
+                code=str(code) if code else ErrorCode.UPSTREAM_REJECTED,
             )
         return body
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
+from pydantic import AnyHttpUrl, Field, SecretStr
 
+from worker.errors import ErrorCode, InvalidInput, InvalidWebhook
 from worker.providers.base import (
+    AdapterContext,
     InputImage,
     PermanentUpstreamError,
     PollTarget,
     ProviderNotConfigured,
+    ProviderSettings,
     Submission,
     SubmitRequest,
     json_body,
@@ -22,7 +26,7 @@ from worker.providers.base import (
     require_str,
     send,
 )
-from worker.states import JobStatus, Source, UpstreamState
+from worker.status import JobStatus, Source, UpstreamState
 
 INDEXES = ("1", "2", "3", "4", "high_variation", "low_variation")
 SERVICE_MODES = ("", "public", "private")
@@ -34,25 +38,53 @@ _STATUS = {
     "completed": JobStatus.COMPLETED,
     "failed": JobStatus.FAILED,
 }
-TASK_NOT_FOUND = "task_not_found"
-NOT_CANCELLABLE = "not_cancellable"
+TASK_NOT_FOUND = ErrorCode.TASK_NOT_FOUND.value
+NOT_CANCELLABLE = ErrorCode.NOT_CANCELLABLE.value
 # Only cancel answers 400 for a task past pending; elsewhere 400 is a bad request.
 _ERROR_CODES = {404: TASK_NOT_FOUND}
 _PARAMS = {"origin_task_id", "index", "prompt", "aspect_ratio", "skip_prompt_check", "service_mode"}
 
 
+class PiAPISettings(ProviderSettings):
+    """VARIFLOW_PIAPI_*: the account's key, the API's address, and its webhooks."""
+
+    base_url: AnyHttpUrl = AnyHttpUrl("https://api.piapi.ai")
+    # The one secret of the account-wide webhook endpoint (POST /webhooks/piapi).
+    webhook_secret: SecretStr | None = None
+    # A job is polled only when no webhook came for this long.
+    webhook_grace: float = Field(default=120.0, ge=0)
+
+
 class PiAPIProvider:
     name: ClassVar[str] = "piapi"
+    settings_model: ClassVar[type[ProviderSettings]] = PiAPISettings
     supports_webhook: ClassVar[bool] = True
     webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"  # noqa: S105
     can_cancel: ClassVar[bool] = True
     needs_image_bytes: ClassVar[bool] = False
 
-    def __init__(self, client: httpx.Client, base_url: str, api_key: str | None) -> None:
+    def __init__(
+        self,
+        client: httpx.Client,
+        base_url: str,
+        api_key: str | None,
+        *,
+        webhook_grace: float = 120.0,
+    ) -> None:
         self._client = client
         self._base = base_url.rstrip("/")
         self._api_key = api_key
         self.batch_poll_size = 1
+        self.webhook_grace: float | None = webhook_grace
+
+    @classmethod
+    def from_settings(cls, settings: PiAPISettings, context: AdapterContext) -> Self:
+        return cls(
+            context.client,
+            str(settings.base_url),
+            settings.key(),
+            webhook_grace=settings.webhook_grace,
+        )
 
     def validate(
         self, params: Mapping[str, Any], image: InputImage | None = None
@@ -63,7 +95,7 @@ class PiAPIProvider:
         if isinstance(index, int) and not isinstance(index, bool):
             index = str(index)
         if index not in INDEXES:
-            raise ValueError(f"index: must be one of {', '.join(INDEXES)}, got {index!r}")
+            raise InvalidInput("index", f"must be one of {', '.join(INDEXES)}, got {index!r}")
         clean: dict[str, Any] = {
             "origin_task_id": require_str(params, "origin_task_id"),
             "index": index,
@@ -72,15 +104,15 @@ class PiAPIProvider:
         if "aspect_ratio" in params:
             ratio = params["aspect_ratio"]
             if not isinstance(ratio, str) or not _ASPECT_RATIO.fullmatch(ratio):
-                raise ValueError(f"aspect_ratio: must look like '16:9', got {ratio!r}")
+                raise InvalidInput("aspect_ratio", f"must look like '16:9', got {ratio!r}")
             clean["aspect_ratio"] = ratio
         if "skip_prompt_check" in params:
             if not isinstance(params["skip_prompt_check"], bool):
-                raise ValueError("skip_prompt_check: must be true or false")
+                raise InvalidInput("skip_prompt_check", "must be true or false")
             clean["skip_prompt_check"] = params["skip_prompt_check"]
         if "service_mode" in params:
             if params["service_mode"] not in SERVICE_MODES:
-                raise ValueError(f"service_mode: must be one of {SERVICE_MODES}")
+                raise InvalidInput("service_mode", f"must be one of {SERVICE_MODES}")
             clean["service_mode"] = params["service_mode"]
         return clean
 
@@ -128,13 +160,13 @@ class PiAPIProvider:
 
     def parse_webhook(self, body: Any) -> UpstreamState:
         if not isinstance(body, Mapping) or "timestamp" not in body or "data" not in body:
-            raise ValueError("body must be a JSON object with 'timestamp' and 'data'")
+            raise InvalidWebhook("body must be a JSON object with 'timestamp' and 'data'")
         data = body["data"]
         if not isinstance(data, Mapping):
-            raise ValueError("data.task_id: required (data must be an object)")
+            raise InvalidWebhook("data.task_id: required (data must be an object)")
         task_id = data.get("task_id")
         if not isinstance(task_id, str) or not task_id.strip():
-            raise ValueError("data.task_id: required, a non-empty string")
+            raise InvalidWebhook("data.task_id: required, a non-empty string")
         return self.state_from_data(data, Source.WEBHOOK)
 
     def cancel(self, target: PollTarget) -> bool:
@@ -171,7 +203,7 @@ class PiAPIProvider:
                 else None
             ),
             image_urls=_image_urls(output),
-            error_code="upstream_failed" if status is JobStatus.FAILED else None,
+            error_code=ErrorCode.UPSTREAM_FAILED if status is JobStatus.FAILED else None,
             error_message=error_message,
             upstream_task_id=str(task_id) if task_id else None,
             payload={"status": raw_status, "progress": progress, "task_id": task_id},
@@ -184,7 +216,7 @@ class PiAPIProvider:
         *,
         operation: str,
         envelope: bool = True,
-        bad_request_code: str = "upstream_rejected",
+        bad_request_code: str = ErrorCode.UPSTREAM_REJECTED,
         **kwargs: Any,
     ) -> Any:
         if not self._api_key:
@@ -206,7 +238,7 @@ class PiAPIProvider:
                 f"piapi: {message or 'error'} (HTTP {response.status_code}, code {code})",
                 code=bad_request_code
                 if response.status_code == 400
-                else _ERROR_CODES.get(response.status_code, "upstream_rejected"),
+                else _ERROR_CODES.get(response.status_code, ErrorCode.UPSTREAM_REJECTED),
             )
         if not envelope:
             return body

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import httpx
+from pydantic import AnyHttpUrl, Field
 
+from worker.errors import ErrorCode, InvalidInput, InvalidWebhook
 from worker.providers.base import (
+    AdapterContext,
     InputImage,
     PermanentUpstreamError,
     PollTarget,
     ProviderNotConfigured,
+    ProviderSettings,
     Submission,
     SubmitRequest,
     TransientUpstreamError,
@@ -25,7 +29,7 @@ from worker.providers.base import (
     reject_unknown,
     send,
 )
-from worker.states import JobStatus, Source, UpstreamState
+from worker.status import JobStatus, Source, UpstreamState
 
 COMPLETED_WORDS = frozenset({"ok", "success", "completed", "done"})
 FAILED_WORDS = frozenset({"failed", "error"})
@@ -34,8 +38,16 @@ _PARAMS = {"image_url", "image_name", "grouping"}
 _NOT_RESULTS = frozenset({"reference"})
 
 
+class PiclazaSettings(ProviderSettings):
+    """VARIFLOW_PICLAZA_*: the account's key, the API's address, jobs per result query."""
+
+    base_url: AnyHttpUrl = AnyHttpUrl("https://api.piclaza.com")
+    batch_size: int = Field(default=50, ge=1, le=100)
+
+
 class PiclazaProvider:
     name: ClassVar[str] = "piclaza"
+    settings_model: ClassVar[type[ProviderSettings]] = PiclazaSettings
     supports_webhook: ClassVar[bool] = False
     webhook_secret_header: ClassVar[str | None] = None
     can_cancel: ClassVar[bool] = False
@@ -48,6 +60,16 @@ class PiclazaProvider:
         self._base = base_url.rstrip("/")
         self._api_key = api_key
         self.batch_poll_size = batch_poll_size
+        self.webhook_grace: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: PiclazaSettings, context: AdapterContext) -> Self:
+        return cls(
+            context.client,
+            str(settings.base_url),
+            settings.key(),
+            batch_poll_size=settings.batch_size,
+        )
 
     def validate(
         self, params: Mapping[str, Any], image: InputImage | None = None
@@ -55,13 +77,13 @@ class PiclazaProvider:
         reject_unknown(params, _PARAMS, self.name)
         has_url = "image_url" in params
         if has_url == (image is not None):
-            raise ValueError("image: exactly one image is required (a URL, a path or bytes)")
+            raise InvalidInput("image", "exactly one image is required (a URL, a path or bytes)")
         clean: dict[str, Any] = {}
         if has_url:
             clean["image_url"] = params["image_url"]
         if "grouping" in params:
             if not isinstance(params["grouping"], bool):
-                raise ValueError("grouping: must be true or false")
+                raise InvalidInput("grouping", "must be true or false")
             clean["grouping"] = params["grouping"]
         return clean
 
@@ -83,7 +105,7 @@ class PiclazaProvider:
         if item.get("code") not in (0, None):
             raise PermanentUpstreamError(
                 f"piclaza: {item.get('message') or 'task not created'} (code {item.get('code')})",
-                code="upstream_rejected",
+                code=ErrorCode.UPSTREAM_REJECTED,
             )
         task_id = item.get("task_id")
         if not task_id:
@@ -110,7 +132,7 @@ class PiclazaProvider:
         return states
 
     def parse_webhook(self, body: Any) -> UpstreamState:
-        raise ValueError("piclaza has no webhooks")
+        raise InvalidWebhook("piclaza has no webhooks")
 
     def cancel(self, target: PollTarget) -> bool:
         return False
@@ -125,7 +147,7 @@ class PiclazaProvider:
             return UpstreamState(
                 JobStatus.FAILED,
                 Source.POLL,
-                error_code="upstream_rejected",
+                error_code=ErrorCode.UPSTREAM_REJECTED,
                 error_message=f"piclaza: {item.get('message') or 'unknown task'} "
                 f"(code {item.get('code')})",
                 upstream_task_id=task_id,
@@ -166,7 +188,7 @@ class PiclazaProvider:
         if response.status_code != 200 or not isinstance(answer, Mapping) or answer.get("code"):
             raise PermanentUpstreamError(
                 f"piclaza: {error_message(answer) or 'error'} (HTTP {response.status_code})",
-                code="upstream_rejected",
+                code=ErrorCode.UPSTREAM_REJECTED,
             )
         data = answer.get("data")
         if not isinstance(data, Mapping):

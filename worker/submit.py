@@ -1,0 +1,266 @@
+"""The submit flow: create a job's task upstream, exactly once per claim.
+
+Tasks may run twice and workers may die at any point, so the flow is a
+sequence of committed steps, each written by worker/jobs.py:
+
+1. claim the job (one conditional UPDATE: one submitter at a time, with a TTL);
+2. check the deadline and the attempt budget;
+3. fetch the input image for a provider that needs the file;
+4. commit "a create may be in flight" (``create_started_at``), then call the provider;
+5. record the answer — a task to follow, or (synchronous providers) the end state.
+
+A create whose outcome is unknown (sent, but no clear answer) is never sent
+again: paying twice is worse than failing clearly (:func:`_outcome_unknown`).
+A transient refusal releases the claim for a retry after a backoff, which the
+caller (the Celery task) schedules.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker import jobs
+from worker.backoff import Backoff
+from worker.errors import (
+    ErrorCode,
+    InputImageError,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamError,
+)
+from worker.images import fetch_image
+from worker.jobs import NOT_RESENT, PollPlan
+from worker.models import utcnow
+from worker.providers.base import InputImage, Provider, Submission, SubmitRequest
+from worker.results import store_inline
+from worker.runtime import Runtime
+from worker.states import JobStatus, Source, UpstreamState
+from worker.webhook_secrets import hash_secret
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: uuid.UUID
+    provider: str
+    token: str
+    attempt: int
+    params: dict[str, Any]
+    deadline: datetime
+    webhook_secret: str
+    image: InputImage | None
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    """What the caller must do next: retry after ``retry_in`` seconds, and/or cancel
+    ``orphan`` (a task created upstream that the job does not follow)."""
+
+    retry_in: float | None = None
+    orphan: str | None = None
+
+
+NOTHING_TO_DO = SubmitOutcome()
+
+
+def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
+    """Make this worker the job's only submitter, or return None."""
+    token = secrets.token_hex(16)
+    # A fresh secret per attempt: webhooks from an abandoned earlier create
+    # cannot authenticate as this job's task.
+    webhook_secret = secrets.token_urlsafe(32)
+    with runtime.session() as session:
+        claimed = jobs.claim_for_submit(
+            session,
+            job_id,
+            token=token,
+            secret_hash=hash_secret(webhook_secret),
+            ttl=runtime.settings.submit_claim_ttl,
+            now=utcnow(),
+        )
+        if claimed is None:
+            return None
+        job, stored = claimed
+        image = InputImage(stored.content, stored.filename, stored.content_type) if stored else None
+        return Claim(
+            job_id=job.id,
+            provider=job.provider,
+            token=token,
+            attempt=job.submit_attempts,
+            params=dict(job.params),
+            deadline=job.deadline,
+            webhook_secret=webhook_secret,
+            image=image,
+        )
+
+
+def submit(job_id: uuid.UUID, runtime: Runtime) -> SubmitOutcome:
+    """Run one submit attempt for a job (nothing when it is not queued, claimed, or not due)."""
+    settings = runtime.settings
+    claim = claim_for_submit(job_id, runtime)
+    if claim is None:
+        log.info("job %s: nothing to submit (not queued, claimed, or not yet due)", job_id)
+        return NOTHING_TO_DO
+    if claim.deadline <= utcnow():
+        return _finish(
+            claim,
+            _failure(ErrorCode.TIMEOUT, "deadline passed before the job was submitted"),
+            runtime,
+        )
+    if claim.attempt > settings.submit_max_retries + 1:
+        return _finish(
+            claim,
+            _failure(ErrorCode.SUBMIT_FAILED, f"gave up after {claim.attempt - 1} attempts"),
+            runtime,
+        )
+    adapter = runtime.providers.get(claim.provider)
+    request = SubmitRequest(
+        job_id=claim.job_id,
+        params=claim.params,
+        webhook_url=(
+            f"{settings.public_base}/webhooks/{claim.provider}/{claim.job_id}"
+            if adapter.supports_webhook
+            else None
+        ),
+        webhook_secret=claim.webhook_secret if adapter.supports_webhook else None,
+        image=claim.image,
+    )
+    try:
+        if adapter.needs_image_bytes and request.image is None:
+            request = replace(request, image=_fetch_input(adapter, claim, runtime))
+        with runtime.session() as session:
+            if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
+                return NOTHING_TO_DO  # the claim was lost meanwhile
+        submission = adapter.submit(request)
+    except PermanentUpstreamError as exc:
+        return _finish(claim, _failure(exc.code, exc.message), runtime)
+    except TransientUpstreamError as exc:
+        if exc.maybe_processed:
+            return _outcome_unknown(claim, adapter, exc.message, runtime)
+        return _retry_or_fail(claim, exc, runtime)
+    except UpstreamError as exc:
+        return _retry_or_fail(claim, exc, runtime)
+    except (Exception, SoftTimeLimitExceeded) as exc:
+        # Raised around the create call: it may or may not have happened.
+        log.exception("job %s: unexpected error while submitting", job_id)
+        return _outcome_unknown(claim, adapter, f"internal error: {exc!r}", runtime)
+    return _finish(claim, _store_inline_results(claim, submission, runtime), runtime)
+
+
+def _store_inline_results(claim: Claim, submission: Submission, runtime: Runtime) -> Submission:
+    """Keep images a provider returned inline; a failure here must not re-POST a paid create."""
+    try:
+        return replace(
+            submission, state=store_inline(runtime.settings, claim.job_id, submission.state)
+        )
+    except OSError as exc:
+        log.exception("job %s: could not store inline results", claim.job_id)
+        return _failure(
+            ErrorCode.RESULT_STORAGE_FAILED, f"could not store the result images: {exc}"
+        )
+
+
+def _outcome_unknown(
+    claim: Claim, adapter: Provider, reason: str, runtime: Runtime
+) -> SubmitOutcome:
+    """The create may have happened upstream. Never send it again.
+
+    A webhook provider calls back to this job's URL with this claim's secret
+    if the task exists, and the receiver adopts it; so the claim (and secret)
+    is kept for the webhook grace period, after which the sweep fails the job.
+    Other providers offer no way to find the task: the job fails now.
+    """
+    if adapter.webhook_grace is None:
+        return _finish(
+            claim, _failure(ErrorCode.SUBMIT_OUTCOME_UNKNOWN, f"{reason}; {NOT_RESENT}"), runtime
+        )
+    wait = adapter.webhook_grace
+    with runtime.session() as session:
+        jobs.hold_for_webhook(
+            session,
+            claim.job_id,
+            claim.token,
+            wait,
+            f"{reason}; the task may exist upstream: waiting {wait:g}s for its webhook",
+            utcnow(),
+        )
+    return NOTHING_TO_DO
+
+
+def _fetch_input(adapter: Provider, claim: Claim, runtime: Runtime) -> InputImage:
+    """Download the job's image URL for a provider that needs the file, and check it."""
+    image = fetch_image(claim.params["image_url"], runtime.settings, runtime.http)
+    others = {k: v for k, v in claim.params.items() if k != "image_url"}
+    try:
+        adapter.validate(others, image)
+    except ValueError as exc:
+        raise InputImageError(f"the image at the URL is not usable: {exc}") from None
+    return image
+
+
+def _failure(code: str, message: str) -> Submission:
+    return Submission(
+        state=UpstreamState(JobStatus.FAILED, Source.SUBMIT, error_code=code, error_message=message)
+    )
+
+
+def retry_backoff(runtime: Runtime) -> Backoff:
+    settings = runtime.settings
+    return Backoff(start=settings.submit_retry_base, cap=settings.submit_retry_cap)
+
+
+def _retry_or_fail(claim: Claim, exc: UpstreamError, runtime: Runtime) -> SubmitOutcome:
+    """Release the claim for a later attempt (the outcome says when), or fail the job."""
+    if claim.attempt > runtime.settings.submit_max_retries:
+        return _finish(
+            claim,
+            _failure(exc.code, f"gave up after {claim.attempt} attempts: {exc.message}"),
+            runtime,
+        )
+    retry_after = exc.retry_after if isinstance(exc, TransientUpstreamError) else None
+    delay = retry_backoff(runtime).delay(claim.attempt - 1, retry_after)
+    with runtime.session() as session:
+        released = jobs.release_for_retry(
+            session,
+            claim.job_id,
+            claim.token,
+            delay,
+            f"{exc.message}; retrying in {delay:.1f}s",
+            utcnow(),
+        )
+    if not released:
+        return NOTHING_TO_DO  # the claim was lost meanwhile; whoever holds it now decides
+    log.warning(
+        "job %s: transient error on submit attempt %d (%s); retrying in %.1fs",
+        claim.job_id,
+        claim.attempt,
+        exc.message,
+        delay,
+        extra={"job_id": str(claim.job_id), "provider": claim.provider},
+    )
+    return SubmitOutcome(retry_in=delay)
+
+
+def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOutcome:
+    adapter = runtime.providers.get(claim.provider)
+    task_id = submission.state.upstream_task_id
+    plan = PollPlan.of(runtime.settings, adapter.webhook_grace)
+    with runtime.session() as session:
+        job = jobs.record_submission(
+            session, claim.job_id, submission.state, plan, poll_url=submission.poll_url
+        )
+        if job is None:
+            return NOTHING_TO_DO
+        # A task this job does not follow (it was cancelled or timed out while
+        # the create was in flight, or another attempt's task won): stop it
+        # where the provider can, or it runs, and bills, for nothing.
+        orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
+    return SubmitOutcome(orphan=task_id if orphaned else None)
