@@ -21,26 +21,29 @@ What it does, for each N in ``--sizes`` (default 1,000 / 10,000 / 100,000):
    job stays ``processing``, the answer is a duplicate (no JobEvent, as pollers
    skip those), poll_attempts goes up by one and next_poll_at moves on with backoff.
 3. The cycle: exactly what beat's ``poll_due`` and the ``poll_batch`` tasks do,
-   minus the broker -- ``lease_due(settings, now)`` until it returns nothing, and
-   ``poll_jobs(provider, job_ids, settings)`` for every batch it hands out. ``now``
+   minus the broker -- ``lease_due(runtime, now)`` until it returns nothing, and
+   ``poll_jobs(provider, job_ids, runtime)`` for every batch it hands out. ``now``
    is fixed at the start of the cycle, so "one complete cycle" means: every job due
    when it started is polled exactly once (with a moving ``now``, jobs polled early
    in a long cycle would be due again before it ends -- backoff caps at 60 s).
 4. The floor, same run, same jobs: next_poll_at and poll_attempts are reset with one
-   UPDATE, then the same loop runs with ``worker.polling.get_provider`` answering
-   with an adapter whose ``poll()`` builds the UpstreamState objects a "running"
-   answer parses to, locally. Leases, the targets SELECT, the SELECT ... FOR UPDATE
-   and the updates of ``_apply_answers`` are the very same code and SQL; only the
-   HTTP request, the sandbox's work and the JSON parsing are gone. cycle/floor is
-   the price of talking to the provider.
+   UPDATE, then the same loop runs with a runtime whose Piclaza adapter is a
+   stand-in (same settings, engine and HTTP client otherwise) whose ``poll()``
+   builds the UpstreamState objects a "running" answer parses to, locally. Leases,
+   the targets SELECT, the SELECT ... FOR UPDATE and the updates of
+   ``_apply_answers`` are the very same code and SQL; only the HTTP request, the
+   sandbox's work and the JSON parsing are gone. cycle/floor is the price of
+   talking to the provider.
 
 Before each measured run the table is VACUUMed (ANALYZE): a cycle updates every row
 twice, and the floor, which runs second, must not pay for the cycle's dead tuples.
 An unreported warm-up cycle + floor (``--warmup`` jobs) runs first, so the first
 size does not pay for SQLAlchemy's statement compilation and the first connections.
 
-SQL is counted with SQLAlchemy events on ``worker.db.get_engine()``: cursor executes
-(``before_cursor_execute``; an ``executemany`` is one execute carrying many rows),
+The process's runtime is built once from the bench's settings, as a worker builds
+its own (``worker.celery_app.build_runtime``), and installed as the current one.
+SQL is counted with SQLAlchemy events on its engine (``runtime.db.engine``): cursor
+executes (``before_cursor_execute``; an ``executemany`` is one execute carrying many rows),
 BEGIN/COMMIT and pool pre-pings, attributed to the lease or the poll step. Upstream
 requests come from the sandbox's own counter (``stats()["piclaza_batch"]``).
 
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -76,18 +80,17 @@ from typing import Any
 from _db import create_database, drop_database, nullpool_engine
 from sqlalchemy import Engine, event, text
 
-import worker.polling
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from sandbox.state import NewTask, SandboxState
-from worker.config import Settings, get_settings, reset_settings
-from worker.db import get_engine, reset_engines
+from worker import runtime as runtimes
+from worker.celery_app import build_runtime
+from worker.config import load_settings
 from worker.devstack import SANDBOX_KEY, sandbox_env
 from worker.migrate import upgrade
 from worker.polling import lease_due, poll_jobs
-from worker.providers import get_provider, reset_providers
 from worker.providers.base import PollTarget, Provider
-from worker.providers.http import reset_client
+from worker.runtime import Providers, Runtime
 from worker.states import JobStatus, Source, UpstreamState
 
 PROVIDER = "piclaza"
@@ -433,6 +436,7 @@ class LocalAnswers:
     def __init__(self, real: Provider) -> None:
         self._real = real
         self.batch_poll_size = real.batch_poll_size
+        self.webhook_grace = real.webhook_grace  # None: Piclaza is only polled
         self.polls = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -451,42 +455,33 @@ class LocalAnswers:
         }
 
 
-@contextlib.contextmanager
-def provider_answers_locally() -> Iterator[LocalAnswers]:
-    """Make worker.polling (lease_due and poll_jobs) use LocalAnswers for Piclaza."""
-    local = LocalAnswers(get_provider(PROVIDER))
-    polling: Any = worker.polling  # the module whose get_provider lease_due/poll_jobs call
-    original = polling.get_provider
+class TimedPolls:
+    """The real Piclaza adapter, with the wall time of each poll() recorded
+    (HTTP + the sandbox's work + parsing)."""
 
-    def patched(name: str) -> Any:
-        return local if name == PROVIDER else original(name)
+    def __init__(self, real: Provider) -> None:
+        self._real = real
+        self.batch_poll_size = real.batch_poll_size
+        self.webhook_grace = real.webhook_grace
+        self.durations: list[float] = []
 
-    polling.get_provider = patched
-    try:
-        yield local
-    finally:
-        polling.get_provider = original
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
-
-@contextlib.contextmanager
-def timed_provider_polls() -> Iterator[list[float]]:
-    """Wall time of each adapter.poll() (HTTP + the sandbox's work + parsing)."""
-    adapter: Any = get_provider(PROVIDER)
-    real_poll = adapter.poll
-    durations: list[float] = []
-
-    def poll(targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
+    def poll(self, targets: Sequence[PollTarget]) -> dict[str, UpstreamState]:
         started = time.perf_counter()
         try:
-            return real_poll(targets)  # type: ignore[no-any-return]
+            return self._real.poll(targets)
         finally:
-            durations.append(time.perf_counter() - started)
+            self.durations.append(time.perf_counter() - started)
 
-    adapter.poll = poll
-    try:
-        yield durations
-    finally:
-        del adapter.poll  # back to the class's method
+
+def with_adapter(runtime: Runtime, adapter: Any) -> Runtime:
+    """The same runtime (settings, database, HTTP client) with ``adapter`` for Piclaza:
+    lease_due and poll_jobs then use it, with the very same code and SQL."""
+    adapters = {name: runtime.providers.get(name) for name in runtime.providers.names()}
+    providers = Providers({**adapters, PROVIDER: adapter}, runtime.providers.enabled)
+    return dataclasses.replace(runtime, providers=providers)
 
 
 # --------------------------------------------------------------------------- one cycle
@@ -602,7 +597,7 @@ class CycleResult:
         return 1000 * sum(chosen) / len(chosen) if chosen else float("nan")
 
 
-def run_cycle(engine: Engine, settings: Settings, counter: SqlCounter, jobs: int) -> CycleResult:
+def run_cycle(engine: Engine, runtime: Runtime, counter: SqlCounter, jobs: int) -> CycleResult:
     """lease_due until it returns nothing, poll_jobs for every batch: one complete cycle."""
     counter.reset()
     now = datetime.now(UTC)
@@ -617,7 +612,7 @@ def run_cycle(engine: Engine, settings: Settings, counter: SqlCounter, jobs: int
     while True:
         counter.phase = "pending"
         t0 = time.perf_counter()
-        batches = lease_due(settings, now)
+        batches = lease_due(runtime, now)
         t1 = time.perf_counter()
         lease_seconds += t1 - t0
         counter.move("pending", "lease" if batches else "final")
@@ -627,7 +622,7 @@ def run_cycle(engine: Engine, settings: Settings, counter: SqlCounter, jobs: int
         lease_sizes.append(sum(len(b.job_ids) for b in batches))
         counter.phase = "poll"
         for batch in batches:
-            poll_jobs(batch.provider, batch.job_ids, settings)
+            poll_jobs(batch.provider, batch.job_ids, runtime)
             poll_batches += 1
         poll_seconds += time.perf_counter() - t1
     seconds = time.perf_counter() - started
@@ -693,7 +688,7 @@ def bench_size(
     args: argparse.Namespace,
     engine: Engine,
     sandbox: SandboxServer,
-    settings: Settings,
+    runtime: Runtime,
     counter: SqlCounter,
 ) -> SizeResult:
     started = time.perf_counter()
@@ -709,19 +704,19 @@ def bench_size(
     del job_ids, task_ids
 
     queries_before, ids_before = batch_stats(sandbox.state)
-    with timed_provider_polls() as upstream:
-        cycle = run_cycle(engine, settings, counter, jobs)
+    upstream = TimedPolls(runtime.providers.get(PROVIDER))
+    cycle = run_cycle(engine, with_adapter(runtime, upstream), counter, jobs)
     queries_after, ids_after = batch_stats(sandbox.state)
     cycle.upstream_requests = queries_after - queries_before
     cycle.upstream_ids = ids_after - ids_before
-    cycle.upstream_seconds = sum(upstream)
+    cycle.upstream_seconds = sum(upstream.durations)
     print(f"  N={jobs}: cycle {cycle.seconds:.2f}s ({cycle.check.describe()})", flush=True)
 
     reset_jobs(engine)
     # Every job due again, statistics fresh: the state the cycle started from.
     plan = lease_plan(engine, counter.lease_select) if counter.lease_select else "?"
-    with provider_answers_locally() as local:
-        floor = run_cycle(engine, settings, counter, jobs)
+    local = LocalAnswers(runtime.providers.get(PROVIDER))
+    floor = run_cycle(engine, with_adapter(runtime, local), counter, jobs)
     floor.upstream_requests = local.polls
     floor.upstream_ids = floor.check.polled_once
     if batch_stats(sandbox.state)[0] != queries_after:
@@ -888,21 +883,23 @@ def bench_environment(values: Mapping[str, str]) -> Iterator[None]:
         if not name.startswith("VARIFLOW_BENCH_"):
             del os.environ[name]
     os.environ.update(values)
-    reset_process_state()
     try:
         yield
     finally:
         for name in [k for k in os.environ if k.startswith("VARIFLOW_")]:
             del os.environ[name]
         os.environ.update(saved)
-        reset_process_state()
 
 
-def reset_process_state() -> None:
-    reset_settings()
-    reset_engines()
-    reset_providers()
-    reset_client()
+@contextlib.contextmanager
+def bench_runtime() -> Iterator[Runtime]:
+    """The process's runtime, built once from the settings of the bench's environment
+    as a worker builds its own, and installed as the current one; closed at the end."""
+    runtime = runtimes.install(build_runtime(load_settings()))
+    try:
+        yield runtime
+    finally:
+        runtimes.uninstall()  # closes its engine and HTTP client
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -948,18 +945,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "VARIFLOW_PICLAZA_BATCH_SIZE": str(args.batch_size),
                 "VARIFLOW_POLL_BATCH_LIMIT": str(args.lease_limit),
             }
-            with bench_environment(env):
-                settings = get_settings()
-                counter = SqlCounter(get_engine())
+            with bench_environment(env), bench_runtime() as runtime:
+                counter = SqlCounter(runtime.db.engine)
                 if args.warmup:
-                    warm = bench_size(args.warmup, args, engine, sandbox, settings, counter)
+                    warm = bench_size(args.warmup, args, engine, sandbox, runtime, counter)
                     print(
                         f"  (warm-up, not reported: N={warm.jobs}"
                         f" cycle {warm.cycle.seconds:.2f}s, floor {warm.floor.seconds:.2f}s)",
                         flush=True,
                     )
                 for jobs in sizes:
-                    results.append(bench_size(jobs, args, engine, sandbox, settings, counter))
+                    results.append(bench_size(jobs, args, engine, sandbox, runtime, counter))
     finally:
         engine.dispose()
         drop_database(args.database_url, db_name)

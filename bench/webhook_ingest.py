@@ -22,6 +22,13 @@ What it does:
 4. After each real-app run, checks in the database that every job reached
    ``completed`` and that the events are what the deliveries imply.
 
+The real app runs with a Redis broker (``--broker-url``, default
+redis://127.0.0.1:6379) and a queue of its own (``variflow_bench_<pid>``): a
+``completed`` delivery publishes ``finalize_job`` after its commit, so that
+publish is part of the measured path, as in a deployment. Nothing consumes the
+queue; the bench counts the messages it holds at the end (one per completed job
+per run) and deletes it, always.
+
 The load generator runs on the same machine and shares its CPUs with gunicorn
 and PostgreSQL: absolute numbers are a floor, the real/bare ratio is the point.
 """
@@ -50,6 +57,7 @@ from typing import IO, Any
 
 from _db import create_database, drop_database, nullpool_engine
 from _load import Delivery, LoadReport, run_load
+from celery import Celery
 from sqlalchemy import Engine, event, func, insert, select, text, update
 from sqlalchemy.engine import URL
 
@@ -61,6 +69,7 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO / "bench"
 HOST = "127.0.0.1"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379"
 READY_TIMEOUT = 30.0
 P99_GOAL_MS = 25.0
 RATIO_GOAL = 0.5
@@ -115,8 +124,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a PostgreSQL database to connect to for CREATE/DROP DATABASE "
         "(env VARIFLOW_BENCH_DATABASE_URL); the bench creates its own database",
     )
+    parser.add_argument(
+        "--broker-url",
+        default=os.environ.get("VARIFLOW_BENCH_BROKER_URL", DEFAULT_BROKER_URL),
+        help="the Redis broker the real app publishes finalize_job to, on a queue of the"
+        " bench's own, deleted at the end (env VARIFLOW_BENCH_BROKER_URL)",
+    )
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds")
     args = parser.parse_args(argv)
+    if not args.broker_url.startswith(("redis://", "rediss://")):
+        parser.error("--broker-url must be a Redis URL (redis://...)")
     if args.deliveries is not None:
         args.jobs = max(1, round(args.deliveries / (2 * (1 + args.duplicates))))
     for name in ("jobs", "workers", "threads", "load_processes", "load_threads"):
@@ -374,22 +391,26 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def profile_sql(db_url: URL, jobs: list[BenchJob]) -> dict[str, SqlProfile]:
+def profile_sql(
+    db_url: URL, jobs: list[BenchJob], broker_env: dict[str, str]
+) -> dict[str, SqlProfile]:
     """Round trips of one delivery of each kind, in-process through the Flask test client."""
     from webhooks import create_app
-    from worker.config import reset_settings
-    from worker.db import get_engine, reset_engines
-    from worker.providers import reset_providers
+    from worker import runtime as runtimes
+    from worker.celery_app import build_runtime, reconfigure
+    from worker.config import load_settings
 
     url = db_url.render_as_string(hide_password=False)
     profiles: dict[str, SqlProfile] = {}
-    with _environment(VARIFLOW_DATABASE_URL=url, VARIFLOW_LOG_LEVEL="WARNING"):
-        reset_settings()
-        reset_engines()
-        reset_providers()
+    with _environment(VARIFLOW_DATABASE_URL=url, VARIFLOW_LOG_LEVEL="WARNING", **broker_env):
+        # This process's runtime, as the web process builds it (read once, installed);
+        # the Celery app sends finalize_job with the same settings (the bench's broker).
+        settings = load_settings()
+        runtime = runtimes.install(build_runtime(settings))
+        reconfigure(settings)
         try:
-            app = create_app()
-            engine = get_engine()
+            app = create_app(runtime=runtime)
+            engine = runtime.db.engine
             current = SqlProfile()
 
             def on_execute(*args: Any) -> None:
@@ -445,10 +466,62 @@ def profile_sql(db_url: URL, jobs: list[BenchJob]) -> dict[str, SqlProfile]:
                     )
                 profiles[label] = current
         finally:
-            reset_engines()
-            reset_providers()
-            reset_settings()
+            runtimes.uninstall()  # closes its engine and HTTP client
     return profiles
+
+
+# --------------------------------------------------------------------------- broker
+
+
+def _redacted(url: str) -> str:
+    # A broker URL may carry a password: never print it.
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def broker_app(broker_url: str, queue: str) -> Celery:
+    """A Celery app for the bench's own use of the broker: its default queue is declared
+    as variflow's app declares it (task_default_queue; Celery's default exchange and
+    routing key for it), so deleting it here deletes what the real app published to."""
+    return Celery(
+        "variflow-bench",
+        set_as_current=False,
+        broker=broker_url,
+        config_source={"task_default_queue": queue, "broker_connection_timeout": 3},
+    )
+
+
+def check_broker(broker: Celery) -> None:
+    """Raise when the broker does not answer: a real app that cannot publish
+    finalize_job would be measuring its connect timeouts, not its ingest."""
+    with broker.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=1)
+
+
+@dataclass(frozen=True)
+class FinalizeCount:
+    broker: str
+    queue: str
+    published: int  # messages the queue held at the end of the real app's runs
+    expected: int
+
+    def describe(self) -> str:
+        verdict = "OK" if self.published == self.expected else "MISMATCH"
+        return (
+            f"finalize_job published to Redis at {self.broker} (queue {self.queue}):"
+            f" {self.published} messages, expected {self.expected}"
+            f" (one per completed job per run) - {verdict}"
+        )
+
+
+def delete_queue(broker: Celery) -> int:
+    """Purge and delete the bench's queue (its messages and bindings); returns the
+    number of messages it held."""
+    with broker.connection_for_write() as conn:
+        bound = broker.amqp.queues[broker.conf.task_default_queue].bind(conn.default_channel)
+        bound.declare()  # known to this connection too, so delete() drops its bindings
+        count = int(bound.purge() or 0)
+        bound.delete()
+    return count
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -738,6 +811,7 @@ def print_report(
     profiles: dict[str, SqlProfile],
     workload: Workload,
     background: CpuUse,
+    finalize: FinalizeCount,
 ) -> None:
     per = 1e6 / max(1, workload.deliveries)
     rows: list[tuple[str, Callable[[AppResult], str]]] = [
@@ -791,6 +865,7 @@ def print_report(
         "deliveries applied: "
         + ("yes, every run verified in the database" if all_ok else "NO, see MISMATCH above")
     )
+    print(finalize.describe())
     busiest = max(
         background.share(background.machine),
         *(r.cpu_saturation.share(r.cpu_saturation.other) for r in (real, bare)),
@@ -836,6 +911,12 @@ def main(argv: list[str] | None = None) -> int:
         f"gunicorn (both apps): gthread, {args.workers} workers x {args.threads} threads,"
         f" bound to {HOST}; VARIFLOW_LOG_LEVEL=WARNING"
     )
+    queue = f"variflow_bench_{os.getpid()}"
+    broker = _redacted(args.broker_url)
+    print(
+        f"broker: Redis at {broker}, queue {queue} (VARIFLOW_BROKER_URL, VARIFLOW_QUEUE):"
+        " the real app publishes finalize_job there for every completed job; deleted at the end"
+    )
     print(
         f"load generator: {args.load_processes} processes x {args.load_threads} keep-alive"
         f" connections (http.client); open loop at {args.open_loop_fraction:.0%} of saturation"
@@ -847,10 +928,19 @@ def main(argv: list[str] | None = None) -> int:
         f" {_cpus()} CPUs (other processes)"
     )
 
+    broker_queue = broker_app(args.broker_url, queue)
+    try:
+        check_broker(broker_queue)
+    except Exception as exc:
+        print(f"cannot reach the broker {broker}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    broker_env = {"VARIFLOW_BROKER_URL": args.broker_url, "VARIFLOW_QUEUE": queue}
+
     db_name = f"variflow_bench_{os.getpid()}"
     db_url = create_database(args.database_url, db_name)
     engine = nullpool_engine(db_url)
     servers: list[GunicornServer] = []
+    queue_deleted = False
     try:
         print(f"database: {db_name} (dropped at the end)")
         upgrade(db_url.render_as_string(hide_password=False))
@@ -863,11 +953,12 @@ def main(argv: list[str] | None = None) -> int:
             f" warm-up {warmup.deliveries} deliveries",
             flush=True,
         )
-        profiles = profile_sql(db_url, jobs)
+        profiles = profile_sql(db_url, jobs, broker_env)
 
         env = {
             "VARIFLOW_DATABASE_URL": db_url.render_as_string(hide_password=False),
             "VARIFLOW_LOG_LEVEL": "WARNING",
+            **broker_env,
         }
         real_server = GunicornServer("variflow webhooks", real_app_spec(), args, env, probe_healthz)
         servers.append(real_server)
@@ -880,6 +971,15 @@ def main(argv: list[str] | None = None) -> int:
             after_run=lambda load: verify(engine, load),
         )
         real_server.stop()
+        # One finalize_job per completed job: the SQL profile's one, then every job of
+        # each real-app run (warm-up, saturation, open loop; reset_jobs before each).
+        finalize = FinalizeCount(
+            broker=broker,
+            queue=queue,
+            published=delete_queue(broker_queue),
+            expected=1 + warmup.jobs + 2 * workload.jobs,
+        )
+        queue_deleted = True
 
         bare_server = GunicornServer(
             "bare Flask", "bare_app:app", args, env, probe_route, pythonpath=BENCH_DIR
@@ -887,12 +987,17 @@ def main(argv: list[str] | None = None) -> int:
         servers.append(bare_server)
         bare = bench_app(bare_server, workload, warmup, args)
         bare_server.stop()
-        print_report(real, bare, profiles, workload, background)
+        print_report(real, bare, profiles, workload, background, finalize)
     finally:
         for server in servers:
             server.stop()
         engine.dispose()
         drop_database(args.database_url, db_name)
+        if not queue_deleted:
+            try:
+                delete_queue(broker_queue)
+            except Exception as exc:
+                print(f"could not delete the queue {queue}: {exc}", file=sys.stderr)
     return 0
 
 
