@@ -38,6 +38,7 @@ def create_app(
     """
     runtime = runtime or _runtime_for(settings)
     configure_logging(runtime.settings)
+    _make_folders(runtime.settings)
     app = Flask(__name__)
     # One byte over the limit, so that a chunked body past it is seen (receiver.py).
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES + 1
@@ -50,6 +51,16 @@ def create_app(
     app.register_blueprint(results_bp)
     app.register_blueprint(dashboard_bp)
     return app
+
+
+def _make_folders(settings: Settings) -> None:
+    # The web process makes what it uses, at start and on any backend: the shared
+    # metrics folder it adds up at /metrics, and the results folder it serves.
+    folders = [settings.metrics_folder]
+    if settings.archive_results:
+        folders.append(settings.results_folder)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def _runtime_for(settings: Settings | None) -> Runtime:

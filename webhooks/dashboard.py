@@ -43,6 +43,8 @@ PAGE_SIZE = 50
 MAX_PAGE = 1000  # deep OFFSETs cost; 50,000 jobs back is far enough for a dashboard
 MAX_EVENTS = 1000
 MAX_VALUE_CHARS = 300
+# A page shows this many result thumbnails (and links) at most, whatever a row holds.
+MAX_THUMBNAILS = 16
 STATUSES = tuple(s.value for s in JobStatus)
 # Input images are served with their own type only when it is one of these.
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
@@ -168,6 +170,7 @@ class JobPage:
     params: tuple[Param, ...]
     input: InputInfo | None
     results: tuple[Image, ...]
+    more_results: int  # result images not shown (over MAX_THUMBNAILS)
     archived: bool
     provider_urls: tuple[str, ...]
     events: tuple[EventInfo, ...]
@@ -279,6 +282,8 @@ def load_job_page(session: Session, job_id: uuid.UUID, settings: Settings) -> Jo
         for n, src in enumerate((_image_src(url, settings) for url in shown), 1)
         if src is not None
     )
+    more_results = max(0, len(results) - MAX_THUMBNAILS)
+    results = results[:MAX_THUMBNAILS]
     return JobPage(
         id=job.id,
         provider=job.provider,
@@ -304,8 +309,9 @@ def load_job_page(session: Session, job_id: uuid.UUID, settings: Settings) -> Jo
         params=tuple(_param(name, value) for name, value in sorted(job.params.items())),
         input=InputInfo(stored[0], stored[1], int(stored[2] or 0)) if stored else None,
         results=results,
+        more_results=more_results,
         archived=bool(job.archived_urls),
-        provider_urls=tuple(url for url in provider_urls if _is_http(url)),
+        provider_urls=tuple(url for url in provider_urls if _is_http(url))[:MAX_THUMBNAILS],
         events=tuple(EventInfo(*event) for event in events[:MAX_EVENTS]),
         more_events=len(events) > MAX_EVENTS,
     )

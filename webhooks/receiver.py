@@ -1,9 +1,13 @@
 """Provider webhooks: verify, find the job, apply through the transition function.
 
 Answers: 413 body over 1 MiB, 404 unknown provider or job, 401 missing or
-wrong secret (nothing is touched), 400 malformed body, 409 a task id that is
-not the job's, otherwise 200 — also for duplicates and stale deliveries, which
-are recorded as ignored events so the provider stops retrying them.
+wrong secret (nothing is touched), 400 malformed body (also a task id that
+could not be stored: too long, NUL, lone surrogate), 409 a task id that is not
+the job's (or that another job follows), otherwise 200 — also for duplicates
+and stale deliveries, which are recorded as ignored events so the provider
+stops retrying them. Never a 5xx for what a body holds: the state is made safe
+to store first (worker.upstream_text), so a provider never retries a delivery
+that cannot succeed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, request
 from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from webhooks.context import runtime
@@ -26,6 +31,7 @@ from worker.jobs import PollPlan
 from worker.models import Job
 from worker.providers.base import Provider
 from worker.states import UpstreamState, foreign_task
+from worker.upstream_text import storable, task_id_problem
 from worker.webhook_secrets import secret_matches
 
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks")
@@ -45,14 +51,22 @@ def _webhook_provider(name: str) -> Provider | None:
 
 
 def _parse(provider: Provider) -> UpstreamState | tuple[Response, int]:
-    # PiAPI's Content-Type is undocumented: parse the body whatever it says.
-    body: Any = request.get_json(force=True, silent=True)
+    """The state the body reports, safe to store (worker.upstream_text), or a 400."""
+    try:
+        # PiAPI's Content-Type is undocumented: parse the body whatever it says.
+        body: Any = request.get_json(force=True, silent=True)
+    except RecursionError:  # nested deeper than the parser goes (silent=True covers the rest)
+        return _error(400, "body must be JSON (it nests too deeply)")
     if body is None:
         return _error(400, "body must be JSON")
     try:
-        return provider.parse_webhook(body)
-    except ValueError as exc:
-        return _error(400, str(exc))
+        state = provider.parse_webhook(body)
+    except (ValueError, RecursionError) as exc:
+        return _error(400, str(exc) or "malformed body")
+    problem = task_id_problem(state.upstream_task_id) if state.upstream_task_id else None
+    if problem is not None:
+        return _error(400, f"task id: {problem}")
+    return storable(state)
 
 
 def _read_body() -> None:
@@ -119,10 +133,30 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
 def _apply(
     session: Session, job: Job, provider: Provider, state: UpstreamState
 ) -> ResponseReturnValue:
-    if foreign_task(job, state):
+    # A webhook names its task: one for another task, or for none while the job
+    # follows one, does not belong to this job.
+    if foreign_task(job, state) or (job.upstream_task_id and not state.upstream_task_id):
         return _error(409, "task id does not match this job")
     plan = PollPlan.of(runtime().settings, provider.webhook_grace)
-    result = jobs.accept_webhook(session, job, state, plan)
+    job_id = job.id
+    try:
+        result = jobs.accept_webhook(session, job, state, plan)
+        # Written now, not at commit, so that a value the database refuses is answered here.
+        session.flush()
+    except jobs.TaskIdTaken:
+        session.rollback()
+        return _error(409, "task id belongs to another job")
+    except (DataError, UnicodeEncodeError) as exc:
+        # A value the database refuses (or its driver cannot encode) that storable() let
+        # through, a bug to fix there: refuse the body rather than have the provider
+        # retry it forever. The log names no value (the parameters are the payload).
+        session.rollback()
+        log.error(
+            "webhook for job %s: the database refused a value (%s)",
+            job_id,
+            type(getattr(exc, "orig", exc)).__name__,
+        )
+        return _error(400, "body holds a value that cannot be stored")
     note_webhook_event(result.event)  # for the deliveries metric (webhooks/metrics.py)
     outcome = result.event.kind.value if result.event else "ignored"
     return jsonify(job_id=str(job.id), status=job.status, outcome=outcome)

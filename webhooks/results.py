@@ -14,6 +14,8 @@ bp = Blueprint("results", __name__, url_prefix="/results")
 
 @bp.get("/<job_id>/<name>")
 def result_image(job_id: str, name: str) -> ResponseReturnValue:
+    if name.startswith("."):
+        abort(404)  # a file being written (".1.png.tmp"): never served half-written
     try:
         folder = runtime().settings.results_folder / str(uuid.UUID(job_id))
     except ValueError:

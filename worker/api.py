@@ -13,9 +13,8 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -28,12 +27,23 @@ from worker.config import get_settings
 from worker.errors import InvalidInput, JobNotFound
 from worker.images import ImageInput, resolve_image
 from worker.models import Job, JobEvent, utcnow
+from worker.outbound import OutboundRefused, UnresolvableHost, check_url
 from worker.runtime import Runtime
 from worker.states import JobStatus
+from worker.validation import (
+    MAX_NAME_CHARS,
+    MAX_PROVIDER_CHARS,
+    bad_character,
+    describe,
+    http_url,
+    json_params,
+    text,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_IDEMPOTENCY_KEY = 255
+MAX_IDEMPOTENCY_KEY = 255  # the String(255) column
+MAX_TASK_NAME = MAX_NAME_CHARS  # on_complete_task, a String(255) column
 
 __all__ = [
     "EventInfo",
@@ -49,9 +59,7 @@ __all__ = [
 
 def _runtime() -> Runtime:
     """The process's runtime, installed from the settings on first use."""
-    if runtimes.installed() is None:
-        runtimes.install(build_runtime(get_settings()))
-    return runtimes.current()
+    return runtimes.ensure(lambda: build_runtime(get_settings()))
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,15 @@ def submit_variation(
     state to ``notify_url`` signed per Standard Webhooks.
     """
     rt = runtime or _runtime()
+    if (
+        not isinstance(provider, str)
+        or len(provider) > MAX_PROVIDER_CHARS
+        or bad_character(provider) is not None
+    ):
+        raise InvalidInput(
+            "provider",
+            f"unknown provider {describe(provider)} (known: {', '.join(rt.providers.enabled)})",
+        )
     adapter = rt.providers.for_new_job(provider)
     stored_image = None
     if image is not None:
@@ -148,20 +165,30 @@ def submit_variation(
         if url:
             params["image_url"] = url
     clean = adapter.validate(params, stored_image)
-    if idempotency_key is not None and (
-        not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
-    ):
-        raise InvalidInput("idempotency_key", f"a string of 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    # Whatever an adapter returns is stored as JSON: every nested string must be storable.
+    json_params(clean)
+    if idempotency_key is not None:
+        if not isinstance(idempotency_key, str) or not idempotency_key:
+            raise InvalidInput(
+                "idempotency_key", f"a string of 1 to {MAX_IDEMPOTENCY_KEY} characters"
+            )
+        text("idempotency_key", idempotency_key, max_chars=MAX_IDEMPOTENCY_KEY)
     now = utcnow()
     due = _deadline(deadline, now, rt.settings.default_deadline)
     if notify_url is not None:
-        parts = urlsplit(notify_url) if isinstance(notify_url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidInput("notify_url", "an http(s) URL")
-    if on_complete_task is not None and (
-        not isinstance(on_complete_task, str) or not on_complete_task.strip()
-    ):
-        raise InvalidInput("on_complete_task", "a Celery task name")
+        http_url("notify_url", notify_url)  # type, length (the column's 2048), scheme, host
+        try:  # a public address, resolved now (worker/outbound.py); sending checks it again
+            check_url(notify_url, rt.settings)
+        except UnresolvableHost as exc:
+            # Not refused now: DNS may be down for a moment, or the name not yet
+            # published. Sending resolves it again and gives up, naming the host.
+            log.warning("notify_url: %s; it is checked again when the job ends", exc.message)
+        except OutboundRefused as exc:
+            raise InvalidInput("notify_url", exc.message) from None
+    if on_complete_task is not None:
+        if not isinstance(on_complete_task, str) or not on_complete_task.strip():
+            raise InvalidInput("on_complete_task", "a Celery task name")
+        text("on_complete_task", on_complete_task, max_chars=MAX_TASK_NAME)
 
     if idempotency_key is not None:
         existing = _by_idempotency_key(rt, idempotency_key, provider, clean)
@@ -298,9 +325,9 @@ def _deadline(
         return now + timedelta(seconds=default)
     try:
         if isinstance(value, datetime):
-            if value.tzinfo is None:
+            if value.utcoffset() is None:
                 raise InvalidInput("deadline", "must be timezone-aware")
-            due = value
+            due = value.astimezone(UTC)  # OverflowError near the ends of the calendar
         elif isinstance(value, timedelta):
             due = now + value
         elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -311,7 +338,7 @@ def _deadline(
         raise InvalidInput("deadline", "out of range") from None
     except InvalidInput:
         raise
-    except ValueError:
+    except (TypeError, ValueError):  # NaN, or a tzinfo giving a bad offset
         raise InvalidInput("deadline", "out of range") from None
     if due <= now:
         raise InvalidInput("deadline", "must be in the future")

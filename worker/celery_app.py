@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.beat import PersistentScheduler
 from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_init,
     worker_process_shutdown,
 )
@@ -65,12 +68,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # A hung create call is killed before its submit claim expires, so an
-        # expired claim always means the worker is gone.
-        "task_soft_time_limit": max(1.0, settings.submit_claim_ttl - 30),
-        "task_time_limit": max(2.0, settings.submit_claim_ttl - 10),
+        # Room for the longest provider call (claims are kept alive by a
+        # heartbeat meanwhile); a hung call is interrupted after that, and its
+        # outcome treated as unknown.
+        "task_soft_time_limit": settings.longest_call + 60,
+        "task_time_limit": settings.longest_call + 90,
         "worker_hijack_root_logger": False,
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
+        # Celery's own scheduler, which first makes the schedule file's folder.
+        "beat_scheduler": f"{__name__}:{BeatScheduler.__name__}",
         "beat_schedule": {
             # expires: a tick nobody ran in time is dropped, not piled up.
             "poll-due": {
@@ -205,10 +211,28 @@ def build_runtime(settings: Settings) -> Runtime:
 
 def worker_runtime() -> Runtime:
     """The runtime tasks run with: installed on first use in this process (or child)."""
-    installed = runtime.installed()
-    if installed is None:
-        installed = runtime.install(build_runtime(get_settings()))
-    return runtime.current()
+    return runtime.ensure(lambda: build_runtime(get_settings()))
+
+
+@worker_init.connect
+def _make_worker_folders(**_: Any) -> None:
+    # A worker makes what it uses, at start and on any backend: the results folder
+    # (inline images, archived copies) and the shared metrics folder.
+    settings = _settings()
+    for folder in (settings.results_folder, settings.metrics_folder):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+class BeatScheduler(PersistentScheduler):  # type: ignore[misc]  # Celery ships no type hints
+    """Celery's default (shelve) scheduler, making its file's folder before opening it.
+
+    Beat opens the schedule before it sends ``beat_init``, so the folder (under
+    VARIFLOW_HOME by default, or given with ``celery beat -s``) is made here.
+    """
+
+    def setup_schedule(self) -> None:
+        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
 
 
 @worker_process_init.connect

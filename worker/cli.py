@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, InterfaceError, OperationalError, ProgrammingError
 
 from worker import runtime as runtimes
 from worker.config import ConfigError, Settings, get_settings, reset_settings
@@ -26,6 +27,29 @@ from worker.states import JobStatus
 
 KNOWN_PROVIDERS = tuple(registered())
 
+# Exit codes: the group's --help, submit's and status's, and the README say the same.
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_USAGE = 2  # a bad option, field, job id or setting; a database not usable
+EXIT_TIMED_OUT = 3
+
+# The tables a database must have for the job commands (made by `variflow db upgrade`).
+VARIFLOW_TABLES = ("jobs", "job_events", "job_inputs")
+DB_CONNECT_TIMEOUT = 10  # seconds, PostgreSQL: an unreachable server is an error, not a hang
+UPGRADE_HINT = "run `variflow db upgrade`"
+
+
+class CliError(click.ClickException):
+    """What is wrong, in one line ("Error: ..."), without the usage text: exit code 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class TimedOut(click.ClickException):
+    """A job not finished in time, in one line: exit code 3."""
+
+    exit_code = EXIT_TIMED_OUT
+
 
 def _settings() -> Settings:
     """The settings this command runs with: read once, from the environment."""
@@ -34,18 +58,35 @@ def _settings() -> Settings:
 
 
 class VariflowGroup(click.Group):
-    """Turns configuration errors into a one-line message and exit code 2."""
+    """Turns configuration and database errors into a one-line message and exit code 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
             raise click.UsageError(str(exc)) from None
+        except (OperationalError, ProgrammingError, InterfaceError) as exc:
+            # Past the check of _require_database: the server went away, or the
+            # schema is older than this variflow.
+            shown, reason = _database_shown(), _reason(exc)
+            raise CliError(
+                f"the database {shown} failed: {reason}; check VARIFLOW_DATABASE_URL, "
+                f"or {UPGRADE_HINT} if its schema is older than this variflow"
+            ) from None
 
 
 @click.group(cls=VariflowGroup)
 def cli() -> None:
-    """variflow: image-variation jobs against PiAPI, Piclaza and LemonData."""
+    """variflow: image-variation jobs against PiAPI, Piclaza and LemonData.
+
+    \b
+    Exit codes:
+      0  done
+      1  the job failed (submit --wait, status)
+      2  usage or input error: a bad option, field, job id or setting, or a
+         database that cannot be reached or has no variflow tables
+      3  timed out (submit --wait, after --timeout)
+    """
 
 
 @cli.command()
@@ -129,16 +170,81 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Apply migrations to VARIFLOW_DATABASE_URL (the embedded SQLite by default)."""
-    from sqlalchemy.exc import OperationalError
-
     from worker.migrate import upgrade
 
     try:
         upgrade(_settings().database_url, revision)
     except OperationalError as exc:
         # Unreachable server, unknown database, refused login: say so in a line.
-        raise click.ClickException(f"cannot reach the database: {exc.orig or exc}") from None
+        shown, reason = _database_shown(), _reason(exc)
+        raise CliError(f"cannot reach the database {shown}: {reason}") from None
     click.echo(f"database at revision {revision}")
+
+
+def _database_shown(url: URL | None = None) -> str:
+    """The database URL, its password masked."""
+    try:
+        return (url or make_url(_settings().database_url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(VARIFLOW_DATABASE_URL)"  # not parsable: not echoed, it may hold a password
+
+
+def _reason(exc: BaseException) -> str:
+    """A driver's error on one line, without the URL's password should it quote it."""
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    try:
+        password = make_url(_settings().database_url).password
+    except ArgumentError:
+        password = None
+    return reason.replace(str(password), "***") if password else reason
+
+
+def _require_database() -> None:
+    """Stop with one line unless the database is there with variflow's tables.
+
+    Runs before the API builds anything, so that a job command never creates a
+    database as a side effect: the API's engine would create an SQLite file's
+    folder, and its first connection the file.
+    """
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        url = make_url(_settings().database_url)
+    except ArgumentError:
+        raise CliError(
+            "VARIFLOW_DATABASE_URL: not a database URL (e.g. postgresql+psycopg://user@host/db)"
+        ) from None
+    shown = _database_shown(url)
+    if url.get_backend_name() == "sqlite":
+        path = url.database or ""
+        a_file = path not in ("", ":memory:") and not path.startswith("file:")  # not a URI
+        if a_file and not Path(path).is_file():
+            raise CliError(
+                f"no database at {shown}: {UPGRADE_HINT} to create it, "
+                "or set VARIFLOW_DATABASE_URL to yours"
+            )
+    connect_args = (
+        {"connect_timeout": DB_CONNECT_TIMEOUT} if url.get_backend_name() == "postgresql" else {}
+    )
+    try:
+        engine = create_engine(url, connect_args=connect_args)
+        try:
+            with engine.connect() as connection:
+                inspector = inspect(connection)
+                missing = [t for t in VARIFLOW_TABLES if not inspector.has_table(t)]
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, ImportError) as exc:
+        raise CliError(
+            f"cannot reach the database {shown}: {_reason(exc)}; check VARIFLOW_DATABASE_URL, "
+            f"then {UPGRADE_HINT}"
+        ) from None
+    if missing:
+        raise CliError(
+            f"the database {shown} has no variflow tables ({', '.join(missing)} missing): "
+            f"{UPGRADE_HINT}"
+        )
 
 
 def _fail_usage(exc: ValueError) -> NoReturn:
@@ -178,13 +284,20 @@ def submit(
     params: tuple[str, ...],
     **options: Any,
 ) -> None:
-    """Submit a variation job and print its id (exit 1 if, with --wait, it fails).
+    """Submit a variation job and print its id.
 
     \b
     variflow submit piapi --origin-task-id T --index 1 --prompt "a fox" --wait
     variflow submit piclaza --image ./cat.png
     variflow submit lemondata --image https://example.com/cat.png --n 2 --size 512x512
     variflow submit piclaza --image ./cat.png -p grouping=true
+
+    \b
+    Exit codes:
+      0  submitted (with --wait: the job completed or was cancelled)
+      1  with --wait: the job failed
+      2  usage or input error, naming the field (or the setting, or the database)
+      3  with --wait: the job did not finish within --timeout
     """
     from worker.api import get_job, submit_variation
 
@@ -194,6 +307,7 @@ def submit(
         if not sep or not name.strip():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         fields[name.strip()] = _param_value(text)
+    _require_database()
     try:
         job = submit_variation(provider, **fields)
     except ValueError as exc:
@@ -211,9 +325,17 @@ def submit(
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def status(job_id: str, as_json: bool) -> None:
-    """Show a job and its timeline (exit 1 if it failed)."""
+    """Show a job and its timeline.
+
+    \b
+    Exit codes:
+      0  done (the job is queued, running, completed or cancelled)
+      1  the job failed
+      2  usage error: an unknown job id, a bad setting, a database not usable
+    """
     from worker.api import JobNotFound, get_job
 
+    _require_database()
     try:
         job = get_job(job_id)
     except JobNotFound as exc:
@@ -243,6 +365,7 @@ def list_jobs(
         since_at = _parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
+    _require_database()
     jobs = query(statuses=statuses, provider=provider, since=since_at, limit=limit)
     if as_json:
         click.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
@@ -261,6 +384,7 @@ def cancel(job_id: str) -> None:
     """Cancel a job (a task already created upstream is cancelled there, best effort)."""
     from worker.api import JobNotFound, cancel_job
 
+    _require_database()
     try:
         job = cancel_job(job_id)
     except JobNotFound as exc:
@@ -351,7 +475,7 @@ def demo(keep: bool) -> None:
                     time.sleep(1)
             except KeyboardInterrupt:
                 pass
-    sys.exit(0 if all(j.status == "completed" for j in finished) else 1)
+    sys.exit(EXIT_OK if all(j.status == "completed" for j in finished) else EXIT_JOB_FAILED)
 
 
 def _demo_input_image(path: Path) -> Path:
@@ -387,7 +511,7 @@ def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None
             local = settings.results_folder / url.split("/results/", 1)[-1]
             click.echo(f"archived: {local}")
     if exit_on_failure and job.status == "failed":
-        sys.exit(1)
+        sys.exit(EXIT_JOB_FAILED)
 
 
 def _param_value(text: str) -> Any:
@@ -427,7 +551,7 @@ def _follow(
         if job.is_terminal:
             return job
         if time.monotonic() > deadline:
-            raise click.ClickException(f"job {job_id} not finished after {timeout:g}s")
+            raise TimedOut(f"job {job_id} not finished after {timeout:g}s (still {job.status})")
         check()
         time.sleep(0.2)
 

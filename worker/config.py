@@ -62,9 +62,13 @@ class Settings(BaseSettings):
     http_connect_timeout: float = Field(default=5.0, gt=0)
     http_timeout: float = Field(default=30.0, gt=0)
 
-    # Submitting: a claim must outlive the longest create call, so that an
-    # expired claim really means the worker is gone.
-    submit_claim_ttl: float = Field(default=300.0, gt=0)
+    # Submitting: the worker holding a claim renews it every third of this
+    # while it works, so an expired claim means the worker is gone; short, so
+    # that a dead worker's job is picked up again soon.
+    submit_claim_ttl: float = Field(default=30.0, ge=3)
+    # How long a create's known answer is retried when it cannot be written
+    # (the database restarting): in the worker, then in its retry message.
+    submit_record_retry_for: float = Field(default=3600.0, gt=0)
     submit_max_retries: int = Field(default=8, ge=0)
     submit_retry_base: float = Field(default=2.0, gt=0)
     submit_retry_cap: float = Field(default=120.0, gt=0)
@@ -76,6 +80,9 @@ class Settings(BaseSettings):
     poll_backoff_factor: float = Field(default=1.5, ge=1)
     poll_backoff_cap: float = Field(default=60.0, gt=0)
     poll_batch_limit: int = Field(default=500, ge=1)
+    # A leased job is polled again after this if its poll task is lost; the
+    # task renews the lease while it works.
+    poll_lease: float = Field(default=30.0, ge=3)
     sweep_interval: float = Field(default=30.0, gt=0)
     lost_message_grace: float = Field(default=60.0, ge=0)
 
@@ -200,6 +207,14 @@ class Settings(BaseSettings):
         name = variable.removeprefix(ENV_PREFIX).removesuffix(f"_{field.upper()}").lower()
         return getattr(self.provider(name), field)
 
+    @property
+    def longest_call(self) -> float:
+        """The longest a single provider call may take, across every provider."""
+        return max(
+            [self.http_timeout]
+            + [self.provider(n).longest_call(self.http_timeout) for n in self.provider_names]
+        )
+
     def api_key(self, provider: str) -> str | None:
         return self.provider(provider).key()
 
@@ -239,16 +254,22 @@ def load_settings(**overrides: object) -> Settings:
     prefixed with its name (``piapi_base_url``).
     """
     adapters = registered()
+    problems: list[str] = [
+        f"{ENV_PREFIX}{field.upper()}: a setting of variflow itself, and also of provider "
+        f"{name!r}: give the provider another name"
+        for name in adapters
+        for field in Settings.model_fields
+        if field.startswith(f"{name}_")
+    ]
     section_overrides: dict[str, dict[str, Any]] = {name: {} for name in adapters}
     core_overrides: dict[str, Any] = {}
     for key, value in overrides.items():
         name = next((n for n in adapters if key.startswith(f"{n}_")), None)
-        if name is None:
+        if name is None or key in Settings.model_fields:
             core_overrides[key] = value
         else:
             section_overrides[name][key.removeprefix(f"{name}_")] = value
 
-    problems: list[str] = []
     sections: dict[str, ProviderSettings] = {}
     for name, adapter in adapters.items():
         prefix = f"{ENV_PREFIX}{name.upper()}_"
@@ -265,7 +286,6 @@ def load_settings(**overrides: object) -> Settings:
         problems = _named(exc, ENV_PREFIX) + problems
     if not problems:
         settings._sections = sections
-        problems = _claim_outlives_create(settings)
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     return settings
@@ -281,22 +301,6 @@ def _named(exc: ValidationError, prefix: str) -> list[str]:
             field, _, message = message.partition(": ")
         problems.append(f"{prefix}{field.upper()}: {message}")
     return problems
-
-
-def _claim_outlives_create(settings: Settings) -> list[str]:
-    # A claim that expires while its create call still runs would let a second
-    # worker create the task again: it must outlive every provider's longest call.
-    needed = max(
-        settings.provider(name).longest_call(settings.http_timeout)
-        for name in settings.provider_names
-    )
-    needed = max(needed, settings.http_timeout) + 30
-    if settings.submit_claim_ttl < needed:
-        return [
-            f"{ENV_PREFIX}SUBMIT_CLAIM_TTL: must be at least {needed:g}s "
-            "(the longest create call + 30s)"
-        ]
-    return []
 
 
 @functools.cache

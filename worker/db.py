@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from worker.hooks import Consumer, install
@@ -78,6 +79,17 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+# What a database that is restarting or unreachable raises: worth trying again.
+DB_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The database could not be reached (as opposed to refusing a statement)."""
+    return isinstance(exc, DB_UNAVAILABLE) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
 
 
 def is_postgres(session: Session) -> bool:

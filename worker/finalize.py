@@ -28,8 +28,8 @@ from worker.backoff import Backoff
 from worker.config import Settings
 from worker.db import Database
 from worker.errors import ErrorCode, UpstreamError, VariflowError
-from worker.images import check_public_host
 from worker.models import Job, utcnow
+from worker.outbound import Outbound, OutboundRefused, Resolver, describe
 from worker.providers.base import PollTarget
 from worker.results import job_folder
 from worker.runtime import Runtime
@@ -44,13 +44,24 @@ class NotifyFailed(VariflowError):
     """The application's endpoint did not take the notification (worth retrying)."""
 
 
+class NotifyRefused(NotifyFailed):
+    """The notify_url is refused (a non-public address, a host that does not resolve):
+    retrying cannot help."""
+
+
+# The endpoint's answer is not read; a cap all the same.
+NOTIFY_ANSWER_BYTES = 64 * 1024
+
+
 @dataclass(frozen=True)
 class Archived:
     urls: list[str]
     errors: list[str]
 
 
-def archive_results(job: Job, settings: Settings, client: httpx.Client) -> Archived:
+def archive_results(
+    job: Job, settings: Settings, client: httpx.Client, *, resolver: Resolver | None = None
+) -> Archived:
     """Copy a completed job's result images into the result store; provider URLs expire."""
     folder = job_folder(settings, job.id)
     urls, errors = [], []
@@ -60,7 +71,7 @@ def archive_results(job: Job, settings: Settings, client: httpx.Client) -> Archi
             urls.append(url)
             continue
         try:
-            name = _download(url, folder, n, settings, client)
+            name = _download(url, folder, n, settings, client, resolver)
         except (httpx.HTTPError, ValueError) as exc:
             errors.append(f"{url}: {exc}")
             continue
@@ -68,33 +79,29 @@ def archive_results(job: Job, settings: Settings, client: httpx.Client) -> Archi
     return Archived(urls, errors)
 
 
-def _download(url: str, folder: Path, n: int, settings: Settings, client: httpx.Client) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http(s) URL")
-    if not settings.allow_private_urls:
-        try:
-            check_public_host(parts.hostname, parts.port or 443)
-        except UpstreamError as exc:
-            raise ValueError(exc.message) from None
-    # Only the URL the provider returned: no redirects to somewhere else.
-    with client.stream(
-        "GET", url, follow_redirects=False, timeout=settings.archive_timeout
-    ) as response:
-        if response.status_code != 200:
-            raise ValueError(f"HTTP {response.status_code}")
-        kind = response.headers.get("content-type", "").split(";")[0].strip()
+def _download(
+    url: str,
+    folder: Path,
+    n: int,
+    settings: Settings,
+    client: httpx.Client,
+    resolver: Resolver | None = None,
+) -> str:
+    # Through the guarded client: only the URL the provider returned (no redirect
+    # to somewhere else), a public address unless allowed, within the size and time caps.
+    # Raises OutboundRefused / ResponseTooLarge (ValueErrors) or an httpx error.
+    with Outbound(client, settings, resolver).open(
+        "GET", url, timeout=settings.archive_timeout, max_bytes=settings.archive_max_bytes
+    ) as reply:
+        if reply.status_code != 200:
+            raise ValueError(f"HTTP {reply.status_code}")
+        kind = reply.headers.get("content-type", "").split(";")[0].strip()
         extension = IMAGE_TYPES.get(kind, "png")
-        chunks, size = [], 0
-        for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > settings.archive_max_bytes:
-                raise ValueError(f"over the limit of {settings.archive_max_bytes} bytes")
-            chunks.append(chunk)
+        data = reply.read()
     folder.mkdir(parents=True, exist_ok=True)
     name = f"{n}.{extension}"
     tmp = folder / f".{name}.tmp"
-    tmp.write_bytes(b"".join(chunks))
+    tmp.write_bytes(data)
     tmp.replace(folder / name)
     return name
 
@@ -126,9 +133,17 @@ def notification_id(job_id: uuid.UUID) -> str:
 
 
 def post_notification(
-    url: str, body: dict[str, Any], msg_id: str, settings: Settings, client: httpx.Client
+    url: str,
+    body: dict[str, Any],
+    msg_id: str,
+    settings: Settings,
+    client: httpx.Client,
+    *,
+    resolver: Resolver | None = None,
 ) -> int:
-    """POST the signed final state; returns the HTTP status or raises NotifyFailed."""
+    """POST the signed final state; returns the HTTP status or raises NotifyFailed
+    (NotifyRefused when the URL is refused: a non-public address, a host that does not resolve).
+    """
     assert settings.notify_secret is not None
     payload = json.dumps(body, separators=(",", ":"))
     now = datetime.now(UTC)
@@ -140,18 +155,27 @@ def post_notification(
         "webhook-signature": signature,
     }
     try:
-        response = client.post(
-            url, content=payload, headers=headers, timeout=settings.notify_timeout
-        )
+        with Outbound(client, settings, resolver).open(
+            "POST",
+            url,
+            timeout=settings.notify_timeout,
+            max_bytes=NOTIFY_ANSWER_BYTES,
+            headers=headers,
+            content=payload.encode(),
+        ) as reply:
+            status = reply.status_code  # the answer's body is never read
+    except OutboundRefused as exc:
+        raise NotifyRefused(exc.message) from None
     except httpx.HTTPError as exc:
-        raise NotifyFailed(f"{type(exc).__name__}") from exc
-    if not response.is_success:
-        raise NotifyFailed(f"HTTP {response.status_code}")
-    return response.status_code
+        raise NotifyFailed(describe(exc)) from exc
+    if not 200 <= status < 300:
+        raise NotifyFailed(f"HTTP {status}")
+    return status
 
 
 # Notifications are retried on this schedule until VARIFLOW_NOTIFY_RETRY_FOR passes.
-NOTIFY_BACKOFF = Backoff(start=1.0, cap=300.0, floor=1.0)
+# "Equal jitter": within [c/2, c], c = min(300, 2**retries) seconds.
+NOTIFY_BACKOFF = Backoff(start=1.0, cap=300.0, jitter=0.5)
 
 # Sends a Celery task by name: (name, args, kwargs, queue).
 SendTask = Callable[[str, list[str], dict[str, str], str], None]
@@ -218,6 +242,9 @@ def notify(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Data
         return True
     try:
         status = post_notification(url, body, notification_id(job_id), settings, client)
+    except NotifyRefused as exc:
+        _record(db, job_id, f"notification to {_host(url)} not sent: {exc}")
+        return True  # done: the same URL is refused again on every retry
     except NotifyFailed as exc:
         _record(db, job_id, f"notification to {_host(url)} failed: {exc}")
         return False

@@ -21,12 +21,13 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.backoff import Backoff
 from worker.config import Settings
 from worker.db import is_postgres
-from worker.errors import ErrorCode
+from worker.errors import ErrorCode, VariflowError
 from worker.hooks import note_terminal
 from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.states import (
@@ -99,11 +100,12 @@ class PollPlan:
     @classmethod
     def of(cls, settings: Settings, webhook_grace: float | None) -> PollPlan:
         return cls(
+            # Polls keep close to their nominal schedule: 10 % jitter, no floor.
             Backoff(
                 start=settings.poll_backoff_start,
                 factor=settings.poll_backoff_factor,
                 cap=settings.poll_backoff_cap,
-                floor=settings.poll_backoff_start,
+                jitter=0.1,
             ),
             webhook_grace,
         )
@@ -332,6 +334,34 @@ def claim_for_submit(
     return job, session.get(JobInput, job_id)
 
 
+def renew_claim(session: Session, job_id: uuid.UUID, token: str, ttl: float, now: datetime) -> bool:
+    """The claim's holder is alive: push its expiry ``ttl`` ahead (never shorten it)."""
+    until = now + timedelta(seconds=ttl)
+    renewed = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.claim_token == token,
+            Job.status == JobStatus.QUEUED.value,
+            Job.claimed_until < until,
+        )
+        .values(claimed_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(renewed.rowcount)  # type: ignore[attr-defined]
+
+
+def claim_expiry(session: Session, job_id: uuid.UUID) -> datetime | None:
+    """When another worker's claim on a queued job lapses (None: not claimed, or not queued)."""
+    return session.scalar(
+        select(Job.claimed_until).where(
+            Job.id == job_id,
+            Job.status == JobStatus.QUEUED.value,
+            Job.claim_token.is_not(None),
+        )
+    )
+
+
 def mark_create_started(session: Session, job_id: uuid.UUID, token: str, now: datetime) -> bool:
     """Note, before the create call, that one may be in flight (the sweep reads it)."""
     marked = session.execute(
@@ -402,13 +432,27 @@ def record_submission(
 def accept_webhook(
     session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime | None = None
 ) -> Transition:
-    """A verified webhook for a locked job: apply it, and poll only if the next one is late."""
+    """A verified webhook for a locked job: apply it, and poll only if the next one is late.
+
+    :class:`TaskIdTaken` (and nothing written) when it would give the job a task id
+    another job of its provider follows: a task belongs to one job (the unique
+    constraint on provider and upstream task id), whichever adopted it first.
+    """
     now = now or utcnow()
-    if not job.is_terminal:  # a late delivery to a finished job changes no column
-        job.last_webhook_at = now
-    result = apply_update(session, job, state, now)
-    if not job.is_terminal:
-        job.next_poll_at = plan.next_at(PollReason.WEBHOOK, now)
+    task_id = state.upstream_task_id
+    if not task_id or "upstream_task_id" not in transition(job, state, now).changes:
+        return _accept_webhook(session, job, state, plan, now)
+    if task_owner(session, job.provider, task_id) not in (None, job.id):
+        raise TaskIdTaken(task_id)
+    try:
+        # A job adopting the same task id concurrently is seen only by the constraint.
+        with session.begin_nested():
+            result = _accept_webhook(session, job, state, plan, now)
+            session.flush()
+    except IntegrityError as exc:
+        if task_owner(session, job.provider, task_id) in (None, job.id):
+            raise
+        raise TaskIdTaken(task_id) from exc
     return result
 
 
@@ -443,6 +487,19 @@ def lease_due(
             .execution_options(synchronize_session=False)
         )
     return rows
+
+
+def renew_leases(
+    session: Session, job_ids: Iterable[uuid.UUID], lease: timedelta, now: datetime
+) -> None:
+    """A poll task is still working on these jobs: keep them leased ``lease`` ahead."""
+    until = now + lease
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status.in_(ACTIVE), Job.next_poll_at < until)
+        .values(next_poll_at=until)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def poll_targets(
@@ -556,17 +613,26 @@ class ExpiredClaims:
 
 
 def settle_expired_claims(
-    session: Session, now: datetime, limit: int, skip_locked: bool
+    session: Session,
+    now: datetime,
+    limit: int,
+    skip_locked: bool,
+    unknown_after: timedelta = timedelta(0),
 ) -> ExpiredClaims:
     """A submit claim expired: the worker died, or a create's outcome stayed unknown.
 
     Before the create call, the job is released for another attempt; after
-    it, it fails clearly and is never sent again.
+    it, it fails clearly and is never sent again — but only ``unknown_after``
+    past the expiry: a worker that has the provider's answer and could not
+    write it (the database was restarting) records it as soon as it can.
     """
     settled = ExpiredClaims({}, [])
     expired = select(Job).where(Job.status == JobStatus.QUEUED.value, Job.claimed_until < now)
     for job in session.scalars(expired.limit(limit).with_for_update(skip_locked=skip_locked)):
         if job.create_started_at is not None:
+            assert job.claimed_until is not None
+            if job.claimed_until > now - unknown_after:
+                continue  # its answer may still arrive
             apply_update(
                 session,
                 job,
@@ -699,3 +765,32 @@ def _set(session: Session, job_id: uuid.UUID, **values: Any) -> None:
         .values(**values)
         .execution_options(synchronize_session=False)
     )
+
+
+# --- webhooks: a task id is one job's ------------------------------------------------
+
+
+class TaskIdTaken(VariflowError):
+    """A webhook names, for a job without a task yet, a task another job follows."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"upstream task {task_id!r} belongs to another job")
+        self.task_id = task_id
+
+
+def task_owner(session: Session, provider: str, upstream_task_id: str) -> uuid.UUID | None:
+    """The job of ``provider`` that follows ``upstream_task_id``, if one does."""
+    return session.scalar(
+        select(Job.id).where(Job.provider == provider, Job.upstream_task_id == upstream_task_id)
+    )
+
+
+def _accept_webhook(
+    session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime
+) -> Transition:
+    if not job.is_terminal:  # a late delivery to a finished job changes no column
+        job.last_webhook_at = now
+    result = apply_update(session, job, state, now)
+    if not job.is_terminal:
+        job.next_poll_at = plan.next_at(PollReason.WEBHOOK, now)
+    return result

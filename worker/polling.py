@@ -12,6 +12,7 @@ each job's next poll time (:class:`worker.jobs.PollPlan`).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from worker import jobs
 from worker.errors import TransientUpstreamError, UpstreamError
+from worker.heartbeat import heartbeat
 from worker.jobs import PollPlan
 from worker.models import utcnow
 from worker.providers.base import PollTarget, Provider
@@ -31,8 +33,6 @@ from worker.states import UpstreamState
 
 log = logging.getLogger(__name__)
 
-# A leased job is polled again after this even if its poll task was lost.
-POLL_LEASE = timedelta(seconds=120)
 # Jobs per poll task for providers that answer one job per request.
 SINGLE_POLL_TASK_SIZE = 20
 
@@ -50,9 +50,10 @@ def plan_for(adapter: Provider, runtime: Runtime) -> PollPlan:
 def lease_due(runtime: Runtime, now: datetime | None = None) -> list[PollBatch]:
     """Lease one bounded batch of due jobs and split it into poll tasks by provider."""
     now = now or utcnow()
+    lease = timedelta(seconds=runtime.settings.poll_lease)
     with runtime.session() as session:
         rows = jobs.lease_due(
-            session, limit=runtime.settings.poll_batch_limit, lease=POLL_LEASE, now=now
+            session, limit=runtime.settings.poll_batch_limit, lease=lease, now=now
         )
     by_provider: dict[str, list[uuid.UUID]] = defaultdict(list)
     for job_id, provider in rows:
@@ -65,12 +66,48 @@ def lease_due(runtime: Runtime, now: datetime | None = None) -> list[PollBatch]:
     return batches
 
 
+class _Leases:
+    """The jobs of a poll task still waiting for their answer, kept leased by a heartbeat.
+
+    The lock keeps a renewal and the writing of answers apart: a renewal must
+    not push back a job whose next poll was just scheduled.
+    """
+
+    def __init__(self, job_ids: Sequence[uuid.UUID], runtime: Runtime) -> None:
+        self.waiting = set(job_ids)
+        self.lock = threading.Lock()
+        self.runtime = runtime
+
+    def renew(self) -> None:
+        lease = timedelta(seconds=self.runtime.settings.poll_lease)
+        with self.lock:
+            if self.waiting:
+                with self.runtime.session() as session:
+                    jobs.renew_leases(session, self.waiting, lease, utcnow())
+
+    def done(self, job_ids: Sequence[uuid.UUID]) -> None:
+        self.waiting.difference_update(job_ids)
+
+
 def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime) -> None:
     """Poll leased jobs and apply the answers; a provider batch is one request."""
     adapter = runtime.providers.get(provider_name)
     plan = plan_for(adapter, runtime)
     with runtime.session() as session:
         targets = [PollTarget(*row) for row in jobs.poll_targets(session, job_ids)]
+    leases = _Leases([t.job_id for t in targets], runtime)
+    with heartbeat(leases.renew, runtime.settings.poll_lease / 3, f"{provider_name} poll lease"):
+        _poll(adapter, targets, plan, runtime, leases)
+
+
+def _poll(
+    adapter: Provider,
+    targets: Sequence[PollTarget],
+    plan: PollPlan,
+    runtime: Runtime,
+    leases: _Leases,
+) -> None:
+    provider_name = adapter.name
     size = max(1, adapter.batch_poll_size)
     for start in range(0, len(targets), size):
         chunk = targets[start : start + size]
@@ -80,21 +117,27 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime
             if exc.retry_after is not None:
                 # "Slow down": this task's remaining jobs (still leased) and
                 # every other job of the provider wait out Retry-After.
-                push_back_provider(provider_name, exc.retry_after, runtime)
-                _reschedule(targets[start:], exc, plan, runtime, retry_after=exc.retry_after)
+                with leases.lock:
+                    push_back_provider(provider_name, exc.retry_after, runtime)
+                    _reschedule(targets[start:], exc, plan, runtime, retry_after=exc.retry_after)
+                    leases.done([t.job_id for t in targets[start:]])
                 return
-            _reschedule(chunk, exc, plan, runtime)
-            continue
+            error: UpstreamError = exc
         except UpstreamError as exc:
-            _reschedule(chunk, exc, plan, runtime)
-            continue
+            error = exc
         except SoftTimeLimitExceeded:
             raise  # the task is out of time: the rest stays leased and is polled later
         except Exception as exc:
             log.exception("poll of %d %s job(s) failed unexpectedly", len(chunk), provider_name)
-            _reschedule(chunk, UpstreamError(f"internal error: {exc!r}"), plan, runtime)
+            error = UpstreamError(f"internal error: {exc!r}")
+        else:
+            with leases.lock:
+                _apply_answers(chunk, states, plan, runtime)
+                leases.done([t.job_id for t in chunk])
             continue
-        _apply_answers(chunk, states, plan, runtime)
+        with leases.lock:
+            _reschedule(chunk, error, plan, runtime)
+            leases.done([t.job_id for t in chunk])
 
 
 def _apply_answers(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -90,7 +90,6 @@ class Runtime:
     ) -> Runtime:
         """Build everything from ``settings``; ``consumers`` learn of every job that ended."""
         client = http or make_client(settings.http_timeout, settings.http_connect_timeout)
-        metrics.configure(settings.metrics_folder, settings.provider_names)
         return cls(
             settings=settings,
             db=Database(settings.database_url, consumers),
@@ -114,13 +113,31 @@ _current: Runtime | None = None
 
 
 def install(runtime: Runtime) -> Runtime:
-    """Make ``runtime`` this process's current one (closing the one it replaces)."""
+    """Make ``runtime`` this process's current one (closing the one it replaces).
+
+    The process's metrics go to the folder of its settings from now on.
+    """
     global _current
     with _lock:
         previous, _current = _current, runtime
+        metrics.configure(runtime.settings.metrics_folder, runtime.settings.provider_names)
     if previous is not None and previous is not runtime and previous.pid == os.getpid():
         previous.close()
     return runtime
+
+
+def ensure(build: Callable[[], Runtime]) -> Runtime:
+    """This process's runtime, installing ``build()`` if there is none yet.
+
+    Safe to call from many threads at once: one runtime is built, and none
+    that another thread holds is closed.
+    """
+    global _current
+    with _lock:
+        if _current is None:
+            _current = build()
+            metrics.configure(_current.settings.metrics_folder, _current.settings.provider_names)
+    return current()
 
 
 def uninstall() -> None:

@@ -13,10 +13,11 @@ event, never an exception.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from worker.errors import ErrorCode
 from worker.status import (
@@ -42,6 +43,7 @@ __all__ = [
     "UpstreamState",
     "foreign_task",
     "transition",
+    "usable_results",
 ]
 
 
@@ -86,6 +88,10 @@ class Transition:
         )
 
 
+# More result images than any provider returns for one job (PiAPI 4, LemonData up to
+# 10): a provider answering with thousands is not believed, and not stored.
+MAX_RESULTS = 16
+MAX_URL_LENGTH = 2048  # the longest URL a job keeps (result_urls, poll_url columns)
 NO_RESULT = ErrorCode.NO_RESULT.value
 UPSTREAM_FAILED = ErrorCode.UPSTREAM_FAILED.value
 
@@ -153,8 +159,10 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
 
     message: str | None = None
     if target is JobStatus.COMPLETED:
+        kept, note = usable_results(update.image_urls)
         changes["progress"] = 100
-        changes["result_urls"] = list(update.image_urls)
+        changes["result_urls"] = list(kept)
+        message = note
     if target in (JobStatus.FAILED, JobStatus.CANCELLED):
         changes["error_code"] = error_code
         changes["error_message"] = error_message
@@ -184,14 +192,45 @@ def foreign_task(job: JobLike, update: UpstreamState) -> bool:
     )
 
 
+def usable_results(urls: Iterable[str]) -> tuple[tuple[str, ...], str | None]:
+    """The result URLs a job keeps — http(s) with a host, at most :data:`MAX_RESULTS` —
+    and a note of what was dropped (None when nothing was)."""
+    kept: list[str] = []
+    unusable = excess = 0
+    for url in urls:
+        if not _is_result_url(url):
+            unusable += 1
+        elif len(kept) >= MAX_RESULTS:
+            excess += 1
+        else:
+            kept.append(url)
+    notes = []
+    if unusable:
+        notes.append(f"dropped {unusable} result URL(s) that are not http(s)")
+    if excess:
+        notes.append(f"dropped {excess} result URL(s) over the limit of {MAX_RESULTS}")
+    return tuple(kept), "; ".join(notes) or None
+
+
+def _is_result_url(url: object) -> bool:
+    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL_LENGTH:
+        return False
+    if any(ch.isspace() or ord(ch) < 32 or 0xD800 <= ord(ch) <= 0xDFFF for ch in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unbalanced [ in the host
+        return False
+
+
 def _resolve_target(update: UpstreamState) -> tuple[JobStatus, str | None, str | None]:
-    if update.status is JobStatus.COMPLETED and not update.image_urls:
-        # A "completed" that carries nothing the user paid for is a failure.
-        return (
-            JobStatus.FAILED,
-            NO_RESULT,
-            "provider reported completion without result images",
-        )
+    if update.status is JobStatus.COMPLETED:
+        kept, note = usable_results(update.image_urls)
+        if not kept:
+            # A "completed" that carries nothing the user paid for is a failure.
+            message = "provider reported completion without result images"
+            return JobStatus.FAILED, NO_RESULT, f"{message} ({note})" if note else message
     if update.status is JobStatus.FAILED:
         return (
             JobStatus.FAILED,

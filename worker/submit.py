@@ -13,21 +13,30 @@ A create whose outcome is unknown (sent, but no clear answer) is never sent
 again: paying twice is worse than failing clearly (:func:`_outcome_unknown`).
 A transient refusal releases the claim for a retry after a backoff, which the
 caller (the Celery task) schedules.
+
+The claim is kept alive by a heartbeat while the worker holds it, so its TTL
+can be short. A known answer is never dropped: when the database cannot take
+it (a restart), the write is retried here for a while, then the answer is
+carried in the task's retry message (:attr:`SubmitOutcome.carry`) until it is
+written or ``VARIFLOW_SUBMIT_RECORD_RETRY_FOR`` has passed.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from worker import jobs
 from worker.backoff import Backoff
+from worker.db import is_unavailable
 from worker.errors import (
     ErrorCode,
     InputImageError,
@@ -35,6 +44,7 @@ from worker.errors import (
     TransientUpstreamError,
     UpstreamError,
 )
+from worker.heartbeat import heartbeat
 from worker.images import fetch_image
 from worker.jobs import NOT_RESENT, PollPlan
 from worker.models import utcnow
@@ -61,14 +71,22 @@ class Claim:
 
 @dataclass(frozen=True)
 class SubmitOutcome:
-    """What the caller must do next: retry after ``retry_in`` seconds, and/or cancel
-    ``orphan`` (a task created upstream that the job does not follow)."""
+    """What the caller must do next: retry after ``retry_in`` seconds (carrying the
+    provider's answer ``carry`` when it is set), and/or cancel ``orphan`` (a task
+    created upstream that the job does not follow)."""
 
     retry_in: float | None = None
     orphan: str | None = None
+    carry: dict[str, Any] | None = None
 
 
 NOTHING_TO_DO = SubmitOutcome()
+# Writing a known answer: tried again every few seconds, in this worker, for this long.
+RECORD_IN_WORKER_FOR = 60.0
+RECORD_BACKOFF = Backoff(start=0.5, cap=5.0, floor=0.2)
+# Another worker holds the claim: look again when it may have lapsed, this many times.
+MAX_HELD_RETRIES = 20
+T = TypeVar("T")
 
 
 def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
@@ -102,13 +120,56 @@ def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
         )
 
 
-def submit(job_id: uuid.UUID, runtime: Runtime) -> SubmitOutcome:
-    """Run one submit attempt for a job (nothing when it is not queued, claimed, or not due)."""
-    settings = runtime.settings
+def submit(
+    job_id: uuid.UUID,
+    runtime: Runtime,
+    *,
+    carried: dict[str, Any] | None = None,
+    held_retries: int = 0,
+) -> SubmitOutcome:
+    """Run one submit attempt for a job (nothing when it is not queued or not yet due).
+
+    ``carried``: a provider's answer an earlier run could not write; it is
+    written now, and nothing is sent to the provider.
+    """
+    if carried is not None:
+        return _record_carried(job_id, carried, runtime)
     claim = claim_for_submit(job_id, runtime)
     if claim is None:
+        return _not_claimed(job_id, runtime, held_retries)
+    settings = runtime.settings
+    renew = _claim_renewal(claim, runtime)
+    with heartbeat(renew, settings.submit_claim_ttl / 3, f"submit claim of job {job_id}"):
+        return _attempt(claim, runtime)
+
+
+def _not_claimed(job_id: uuid.UUID, runtime: Runtime, held_retries: int) -> SubmitOutcome:
+    """Not queued, not due, or claimed by another worker — which may have died: then
+    look again when its claim can have lapsed (a message redelivered after a worker
+    was killed must not wait for the sweep)."""
+    with runtime.session() as session:
+        expiry = jobs.claim_expiry(session, job_id)
+    if expiry is None or held_retries >= MAX_HELD_RETRIES:
         log.info("job %s: nothing to submit (not queued, claimed, or not yet due)", job_id)
         return NOTHING_TO_DO
+    wait = max(1.0, (expiry - utcnow()).total_seconds() + 1.0)
+    log.info("job %s: claimed by another worker; looking again in %.0fs", job_id, wait)
+    return SubmitOutcome(retry_in=wait)
+
+
+def _claim_renewal(claim: Claim, runtime: Runtime) -> Callable[[], object]:
+    def renew() -> bool:
+        with runtime.session() as session:
+            return jobs.renew_claim(
+                session, claim.job_id, claim.token, runtime.settings.submit_claim_ttl, utcnow()
+            )
+
+    return renew
+
+
+def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
+    settings = runtime.settings
+    job_id = claim.job_id
     if claim.deadline <= utcnow():
         return _finish(
             claim,
@@ -133,12 +194,20 @@ def submit(job_id: uuid.UUID, runtime: Runtime) -> SubmitOutcome:
         webhook_secret=claim.webhook_secret if adapter.supports_webhook else None,
         image=claim.image,
     )
-    try:
-        if adapter.needs_image_bytes and request.image is None:
+    if adapter.needs_image_bytes and request.image is None:
+        try:
             request = replace(request, image=_fetch_input(adapter, claim, runtime))
-        with runtime.session() as session:
-            if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
-                return NOTHING_TO_DO  # the claim was lost meanwhile
+        except PermanentUpstreamError as exc:
+            return _finish(claim, _failure(exc.code, exc.message), runtime)
+        except UpstreamError as exc:
+            return _retry_or_fail(claim, exc, runtime)
+    # Committed before the call: a claim that lapses with this set may have
+    # created a paid task (the sweep then never sends it again). A database
+    # error here happens before anything was sent: the task tries again.
+    with runtime.session() as session:
+        if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
+            return NOTHING_TO_DO  # the claim was lost meanwhile
+    try:
         submission = adapter.submit(request)
     except PermanentUpstreamError as exc:
         return _finish(claim, _failure(exc.code, exc.message), runtime)
@@ -183,15 +252,19 @@ def _outcome_unknown(
             claim, _failure(ErrorCode.SUBMIT_OUTCOME_UNKNOWN, f"{reason}; {NOT_RESENT}"), runtime
         )
     wait = adapter.webhook_grace
-    with runtime.session() as session:
-        jobs.hold_for_webhook(
-            session,
-            claim.job_id,
-            claim.token,
-            wait,
-            f"{reason}; the task may exist upstream: waiting {wait:g}s for its webhook",
-            utcnow(),
-        )
+
+    def hold() -> None:
+        with runtime.session() as session:
+            jobs.hold_for_webhook(
+                session,
+                claim.job_id,
+                claim.token,
+                wait,
+                f"{reason}; the task may exist upstream: waiting {wait:g}s for its webhook",
+                utcnow(),
+            )
+
+    _write(hold, RECORD_IN_WORKER_FOR)
     return NOTHING_TO_DO
 
 
@@ -214,7 +287,7 @@ def _failure(code: str, message: str) -> Submission:
 
 def retry_backoff(runtime: Runtime) -> Backoff:
     settings = runtime.settings
-    return Backoff(start=settings.submit_retry_base, cap=settings.submit_retry_cap)
+    return Backoff(start=settings.submit_retry_base, cap=settings.submit_retry_cap, floor=0.1)
 
 
 def _retry_or_fail(claim: Claim, exc: UpstreamError, runtime: Runtime) -> SubmitOutcome:
@@ -227,16 +300,19 @@ def _retry_or_fail(claim: Claim, exc: UpstreamError, runtime: Runtime) -> Submit
         )
     retry_after = exc.retry_after if isinstance(exc, TransientUpstreamError) else None
     delay = retry_backoff(runtime).delay(claim.attempt - 1, retry_after)
-    with runtime.session() as session:
-        released = jobs.release_for_retry(
-            session,
-            claim.job_id,
-            claim.token,
-            delay,
-            f"{exc.message}; retrying in {delay:.1f}s",
-            utcnow(),
-        )
-    if not released:
+
+    def release() -> bool:
+        with runtime.session() as session:
+            return jobs.release_for_retry(
+                session,
+                claim.job_id,
+                claim.token,
+                delay,
+                f"{exc.message}; retrying in {delay:.1f}s",
+                utcnow(),
+            )
+
+    if not _write(release, RECORD_IN_WORKER_FOR):
         return NOTHING_TO_DO  # the claim was lost meanwhile; whoever holds it now decides
     log.warning(
         "job %s: transient error on submit attempt %d (%s); retrying in %.1fs",
@@ -250,12 +326,36 @@ def _retry_or_fail(claim: Claim, exc: UpstreamError, runtime: Runtime) -> Submit
 
 
 def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOutcome:
-    adapter = runtime.providers.get(claim.provider)
+    """Write how the submission ended — an answer the provider gave must reach the row."""
+    answered_at = utcnow()
+    try:
+        return _write(
+            lambda: _record(claim.job_id, claim.provider, submission, runtime),
+            RECORD_IN_WORKER_FOR,
+        )
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        log.error(
+            "job %s: the database did not take the provider's answer for %.0fs (%s); "
+            "carrying it in the retry message",
+            claim.job_id,
+            RECORD_IN_WORKER_FOR,
+            type(exc).__name__,
+            extra={"job_id": str(claim.job_id), "provider": claim.provider},
+        )
+        return _carry(claim.provider, submission, answered_at)
+
+
+def _record(
+    job_id: uuid.UUID, provider: str, submission: Submission, runtime: Runtime
+) -> SubmitOutcome:
     task_id = submission.state.upstream_task_id
+    adapter = runtime.providers.get(provider)
     plan = PollPlan.of(runtime.settings, adapter.webhook_grace)
     with runtime.session() as session:
         job = jobs.record_submission(
-            session, claim.job_id, submission.state, plan, poll_url=submission.poll_url
+            session, job_id, submission.state, plan, poll_url=submission.poll_url
         )
         if job is None:
             return NOTHING_TO_DO
@@ -264,3 +364,79 @@ def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOut
         # where the provider can, or it runs, and bills, for nothing.
         orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
     return SubmitOutcome(orphan=task_id if orphaned else None)
+
+
+def _write(write: Callable[[], T], for_seconds: float) -> T:
+    """Run a database write, trying again while the database is unavailable."""
+    give_up = time.monotonic() + for_seconds
+    attempt = 0
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not is_unavailable(exc) or time.monotonic() >= give_up:
+                raise
+            delay = RECORD_BACKOFF.delay(attempt)
+            log.warning(
+                "database unavailable (%s); trying again in %.1fs", type(exc).__name__, delay
+            )
+            time.sleep(min(delay, max(0.0, give_up - time.monotonic())))
+            attempt += 1
+
+
+# --- an answer carried in a retry message ------------------------------------------------
+
+
+def _carry(provider: str, submission: Submission, answered_at: datetime) -> SubmitOutcome:
+    state = submission.state
+    carried = {
+        "provider": provider,
+        "answered_at": answered_at.isoformat(),
+        "poll_url": submission.poll_url,
+        "state": {
+            "status": state.status.value,
+            "source": state.source.value,
+            "progress": state.progress,
+            "image_urls": list(state.image_urls),
+            "error_code": state.error_code,
+            "error_message": state.error_message,
+            "upstream_task_id": state.upstream_task_id,
+            "payload": dict(state.payload) if state.payload else None,
+        },
+    }
+    return SubmitOutcome(retry_in=RECORD_BACKOFF.cap, carry=carried)
+
+
+def _record_carried(job_id: uuid.UUID, carried: dict[str, Any], runtime: Runtime) -> SubmitOutcome:
+    data = carried["state"]
+    state = UpstreamState(
+        status=JobStatus(data["status"]),
+        source=Source(data["source"]),
+        progress=data["progress"],
+        image_urls=tuple(data["image_urls"]),
+        error_code=data["error_code"],
+        error_message=data["error_message"],
+        upstream_task_id=data["upstream_task_id"],
+        payload=data["payload"],
+    )
+    submission = Submission(state=state, poll_url=carried["poll_url"])
+    answered_at = datetime.fromisoformat(carried["answered_at"])
+    window = timedelta(seconds=runtime.settings.submit_record_retry_for)
+    try:
+        return _write(
+            lambda: _record(job_id, carried["provider"], submission, runtime),
+            RECORD_BACKOFF.cap * 2,
+        )
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
+        if utcnow() - answered_at > window:
+            log.error(
+                "job %s: gave up writing the provider's answer after %s (task %s); "
+                "the sweep fails the job",
+                job_id,
+                window,
+                state.upstream_task_id,
+            )
+            return NOTHING_TO_DO
+        return SubmitOutcome(retry_in=RECORD_BACKOFF.cap, carry=carried)

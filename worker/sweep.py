@@ -51,7 +51,14 @@ def sweep(runtime: Runtime) -> SweepReport:
     with runtime.session() as session:
         skip_locked = runtime.db.is_postgres
         report.timed_out = jobs.fail_overdue(session, now, SWEEP_LIMIT, skip_locked)
-        expired = jobs.settle_expired_claims(session, now, SWEEP_LIMIT, skip_locked)
+        expired = jobs.settle_expired_claims(
+            session,
+            now,
+            SWEEP_LIMIT,
+            skip_locked,
+            # Two claim lifetimes: the answer's holder retries its write every few seconds.
+            unknown_after=timedelta(seconds=2 * settings.submit_claim_ttl),
+        )
         report.unknown = expired.unknown
         report.released = list(expired.released)
         resent = jobs.resend_lost(

@@ -13,8 +13,9 @@ from typing import Any
 
 from worker import celery_app as queue
 from worker.celery_app import app, worker_runtime
+from worker.db import DB_UNAVAILABLE
 from worker.finalize import finalize, stop_upstream_task
-from worker.polling import POLL_LEASE, lease_due, poll_jobs
+from worker.polling import lease_due, poll_jobs
 from worker.submit import submit
 from worker.sweep import sweep
 
@@ -24,18 +25,35 @@ log = logging.getLogger(__name__)
 MAX_LEASES_PER_RUN = 50
 
 
-@app.task(name=queue.SUBMIT_JOB, bind=True, max_retries=None)
-def submit_job(self: Any, job_id: str, provider: str = "") -> None:
+# A database that is restarting: the task runs again later instead of being dropped.
+RETRY_WHILE_DB_DOWN = {
+    "autoretry_for": DB_UNAVAILABLE,
+    "retry_backoff": 2,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": None,
+}
+
+
+@app.task(name=queue.SUBMIT_JOB, bind=True, **RETRY_WHILE_DB_DOWN)
+def submit_job(
+    self: Any, job_id: str, provider: str = "", carried: dict[str, Any] | None = None
+) -> None:
     """Create the job's task upstream, exactly once per claim (worker/submit.py)."""
-    outcome = submit(uuid.UUID(job_id), worker_runtime())
+    outcome = submit(
+        uuid.UUID(job_id), worker_runtime(), carried=carried, held_retries=self.request.retries
+    )
     if outcome.orphan:
         queue.send_cancel_upstream(uuid.UUID(job_id), provider, outcome.orphan)
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in)
+        kwargs = {"provider": provider, "carried": outcome.carry}
+        raise self.retry(countdown=outcome.retry_in, kwargs=kwargs)
 
 
 # Own time limits: downloads for the archive may outlast the submit-sized defaults.
-@app.task(name=queue.FINALIZE_JOB, bind=True, max_retries=None, soft_time_limit=900, time_limit=960)
+@app.task(
+    name=queue.FINALIZE_JOB, bind=True, soft_time_limit=900, time_limit=960, **RETRY_WHILE_DB_DOWN
+)
 def finalize_job(self: Any, job_id: str, provider: str = "") -> None:
     """A job ended: stop an unwanted upstream task, archive, tell the application."""
     retry_in = finalize(
@@ -53,14 +71,14 @@ def poll_due() -> int:
     for _ in range(MAX_LEASES_PER_RUN):
         batches = lease_due(runtime)
         for batch in batches:
-            queue.send_poll_batch(batch.provider, batch.job_ids, POLL_LEASE.total_seconds())
+            queue.send_poll_batch(batch.provider, batch.job_ids, runtime.settings.poll_lease)
         sent += sum(len(b.job_ids) for b in batches)
         if not batches:
             break
     return sent
 
 
-@app.task(name=queue.POLL_BATCH, expires=POLL_LEASE.total_seconds())
+@app.task(name=queue.POLL_BATCH, **RETRY_WHILE_DB_DOWN)
 def poll_batch(provider: str, job_ids: list[str]) -> None:
     """Poll a leased batch of one provider's jobs; safe to run twice (the lease moved on)."""
     poll_jobs(provider, [uuid.UUID(i) for i in job_ids], worker_runtime())
@@ -81,7 +99,7 @@ def sweep_jobs() -> dict[str, int]:
     return counts
 
 
-@app.task(name=queue.CANCEL_UPSTREAM)
+@app.task(name=queue.CANCEL_UPSTREAM, **RETRY_WHILE_DB_DOWN)
 def cancel_upstream(job_id: str, provider: str = "", upstream_task_id: str | None = None) -> None:
     """Best effort: ask the provider to stop a task the job does not follow (an orphan)."""
     stop_upstream_task(uuid.UUID(job_id), worker_runtime(), upstream_task_id)

@@ -1,7 +1,8 @@
 """The Procfile, run the way a Procfile platform runs it.
 
 honcho runs `release`, then starts `web`, `flower`, `worker` and `beat` against
-PostgreSQL and Redis with the configuration in an env file; a job submitted through
+PostgreSQL and Redis with the configuration in an env file, from a VARIFLOW_HOME that
+does not exist yet (each process makes the folders it uses); a job submitted through
 the CLI (`honcho run variflow submit ...`) completes, with the provider's webhook
 arriving at the `web` process; Flower answers only with its basic auth.
 """
@@ -134,6 +135,7 @@ class ProcfileStack:
     log: Path
     env_file: Path
     env: dict[str, str]
+    home: Path
     web_url: str
     flower_url: str
     sandbox: SandboxServer
@@ -203,7 +205,11 @@ def procfile_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Proc
         # the database and queue of this test (set by the fixtures), the public URL
         # of `web`, the providers pointed at the sandbox, Flower's credentials.
         app_env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
+        # A home nothing has made yet: on PostgreSQL + Redis no folder exists before
+        # the processes start (the fixtures' own home was made by their runtime).
+        home = tmp_path / "procfile-home"
         app_env.update(
+            VARIFLOW_HOME=str(home),
             VARIFLOW_PUBLIC_URL=web_url,
             VARIFLOW_FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}",
             **sandbox_env(sandbox.url),
@@ -228,6 +234,7 @@ def procfile_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Proc
         )
         assert release.returncode == 0, release.stdout + release.stderr
         assert "database at revision head" in release.stdout
+        assert not home.exists(), "the processes must start without VARIFLOW_HOME"
 
         log = tmp_path / "honcho.log"
         with log.open("wb") as out:
@@ -240,7 +247,7 @@ def procfile_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Proc
                 start_new_session=True,
             )
         try:
-            yield ProcfileStack(honcho, log, env_file, env, web_url, flower_url, sandbox)
+            yield ProcfileStack(honcho, log, env_file, env, home, web_url, flower_url, sandbox)
         finally:
             _stop(honcho)
 
@@ -268,6 +275,11 @@ def test_procfile_processes_run_a_job_end_to_end(procfile_stack: ProcfileStack) 
 
     health = stack.wait_for(lambda: _get(f"{stack.web_url}/healthz", 200), "web's /healthz")
     assert health.json() == {"status": "ok", "database": "ok"}
+    # beat made its schedule file's folder (VARIFLOW_HOME) and runs (honcho would stop
+    # everything if it had died); web and worker made the folders they use.
+    stack.wait_for(lambda: list(stack.home.glob("celerybeat-schedule*")), "beat's schedule")
+    stack.wait_for(lambda: (stack.home / "results").is_dir(), "the results folder")
+    stack.wait_for(lambda: (stack.home / "metrics").is_dir(), "the metrics folder")
 
     submitted = stack.run(
         "variflow",

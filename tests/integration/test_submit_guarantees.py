@@ -19,8 +19,8 @@ from tests.conftest import Configure, runtime_of
 from worker.api import get_job, submit_variation
 from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
-from worker.runtime import session_scope
-from worker.submit import claim_for_submit
+from worker.runtime import current, session_scope
+from worker.submit import claim_for_submit, submit
 from worker.sweep import sweep
 from worker.tasks import submit_job
 
@@ -68,8 +68,11 @@ def test_two_workers_submitting_one_job_create_one_upstream_task(
 ) -> None:
     job = submit_variation("piapi", **PIAPI)
 
-    at_once(2, lambda: submit_job(str(job.id), provider="piapi"))
+    outcomes = at_once(2, lambda: submit(job.id, current()))
 
+    # The loser finds the claim held and looks again once it could have lapsed
+    # (its holder might have died): a message later, never a second create.
+    assert sorted(o.retry_in is not None for o in outcomes) == [False, True]
     assert sandbox.state.stats()["creates"]["piapi"] == 1
     stored = get_job(job.id)
     assert stored.status == "submitted"

@@ -1,6 +1,8 @@
 """The `variflow` command (worker/cli.py) through click's CliRunner, on the embedded SQLite.
 
-Exit codes: 0 ok, 1 the job failed, 2 a usage or input error whose message names the field.
+Exit codes: 0 done, 1 the job failed, 2 a usage or input error whose message names the field
+(or the setting, or the database), 3 a --wait that timed out. A job command never creates a
+database: a missing, unreachable or empty one is one line naming its URL.
 A valid submit sends its Celery message to the filesystem broker under VARIFLOW_HOME (a
 temporary folder): nothing runs it, which is harmless here.
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,9 +25,10 @@ from click.testing import CliRunner, Result
 from PIL import Image
 from sqlalchemy import func, select, update
 
+from worker import runtime
 from worker.api import JobInfo, get_job, submit_variation
 from worker.cli import cli
-from worker.config import ConfigError, Settings
+from worker.config import ConfigError, Settings, reset_settings
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, JobEvent
 from worker.runtime import session_scope
@@ -700,3 +705,224 @@ def test_db_upgrade_creates_the_schema(
     assert job_count() == 0  # the tables exist
     again = run(runner, "db", "upgrade")
     assert again.exit_code == 0, again.output
+
+
+# --- the database: one line naming it, never created by a job command ------------------
+
+
+@pytest.fixture
+def new_process(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Set VARIFLOW_* variables for a `variflow` run that starts like a new process:
+    no runtime installed (the tests' own would have made its database), settings
+    read from the environment by the command."""
+
+    def apply(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(f"VARIFLOW_{name.upper()}", value)
+        runtime.uninstall()
+        reset_settings()
+
+    return apply
+
+
+def error_line(result: Result) -> str:
+    """The whole output of a failed command: one line, no traceback."""
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+JOB_COMMANDS = [
+    ["list"],
+    ["list", "--json"],
+    ["status", str(uuid.UUID(int=7))],
+    ["cancel", str(uuid.UUID(int=7))],
+    ["submit", *PIAPI],
+    ["submit", *PIAPI, "--idempotency-key", "k-1", "--wait"],
+]
+JOB_COMMAND_IDS = ["list", "list-json", "status", "cancel", "submit", "submit-wait"]
+
+
+@pytest.mark.parametrize("command", JOB_COMMANDS, ids=JOB_COMMAND_IDS)
+def test_a_job_command_in_another_folder_creates_no_database(
+    runner: CliRunner,
+    new_process: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    command: list[str],
+) -> None:
+    # The default database is ./.variflow/variflow.db: run from a folder without one.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("VARIFLOW_HOME")
+    new_process()
+
+    result = run(runner, *command)
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert f"sqlite:///{elsewhere / '.variflow' / 'variflow.db'}" in line
+    assert "variflow db upgrade" in line
+    assert list(elsewhere.iterdir()) == []  # neither the file nor its folder
+
+
+@pytest.mark.parametrize("command", JOB_COMMANDS, ids=JOB_COMMAND_IDS)
+def test_a_database_without_variflow_tables_is_one_line_naming_it(
+    runner: CliRunner, new_process: Callable[..., None], tmp_path: Path, command: list[str]
+) -> None:
+    empty = tmp_path / "other.db"
+    sqlite3.connect(empty).close()  # an SQLite file, but not variflow's
+    url = f"sqlite:///{empty}"
+    new_process(database_url=url)
+
+    result = run(runner, *command)
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert url in line
+    assert "no variflow tables" in line
+    assert "variflow db upgrade" in line
+    assert empty.stat().st_size == 0  # nothing was written to it
+
+
+@pytest.mark.parametrize("command", JOB_COMMANDS, ids=JOB_COMMAND_IDS)
+def test_an_unreachable_database_is_one_line_naming_it_without_its_password(
+    runner: CliRunner, new_process: Callable[..., None], command: list[str]
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    new_process(database_url=f"postgresql+psycopg://ops:s3cret-pw@127.0.0.1:{port}/variflow")
+
+    result = run(runner, *command)
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert f"postgresql+psycopg://ops:***@127.0.0.1:{port}/variflow" in line
+    assert "cannot reach the database" in line
+    assert "variflow db upgrade" in line
+    assert "s3cret-pw" not in result.output
+
+
+def test_db_upgrade_of_an_unreachable_database_exits_2_in_one_line(
+    runner: CliRunner, new_process: Callable[..., None]
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    new_process(database_url=f"postgresql+psycopg://ops:s3cret-pw@127.0.0.1:{port}/variflow")
+
+    result = run(runner, "db", "upgrade")
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert f"cannot reach the database postgresql+psycopg://ops:***@127.0.0.1:{port}/" in line
+    assert "s3cret-pw" not in result.output
+
+
+def test_a_database_with_an_older_schema_is_one_line_naming_it(
+    runner: CliRunner, new_process: Callable[..., None], tmp_path: Path
+) -> None:
+    # Tables by variflow's names, but not its columns: the query itself fails.
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as connection:
+        for table in ("jobs", "job_events", "job_inputs"):
+            connection.execute(f"CREATE TABLE {table} (x INTEGER)")
+    connection.close()
+    url = f"sqlite:///{path}"
+    new_process(database_url=url)
+
+    result = run(runner, "list")
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert f"the database {url} failed" in line
+    assert "variflow db upgrade" in line
+
+
+# --- exit codes: 0 done, 1 the job failed, 2 usage or input, 3 timed out ----------------
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_wait_that_times_out_exits_3(runner: CliRunner) -> None:
+    # Nothing runs the job here: it stays queued.
+    result = run(runner, "submit", *PIAPI, "--wait", "--timeout", "0")
+
+    assert result.exit_code == 3, result.output
+    assert "not finished after 0s (still queued)" in result.output
+    assert "Traceback" not in result.output
+    assert job_count() == 1
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_wait_json_that_times_out_exits_3(runner: CliRunner) -> None:
+    result = run(runner, "submit", *PIAPI, "--wait", "--timeout", "0", "--json")
+
+    assert result.exit_code == 3, result.output
+    assert error_line(result).startswith("Error: job ")
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_wait_of_a_job_that_failed_exits_1(runner: CliRunner) -> None:
+    job = submit_variation("piapi", idempotency_key="order-9", **PIAPI_FIELDS)
+    fail(job.id)
+    args = ["--origin-task-id", "imagine-1", "--index", "1", "--prompt", "a fox"]
+
+    # The same idempotency key: the job that already failed, followed to its end.
+    result = run(runner, "submit", "piapi", *args, "--idempotency-key", "order-9", "--wait")
+
+    assert result.exit_code == 1, result.output
+    assert "status: failed" in result.output
+    assert "error:  upstream_failed: the provider lost the image" in result.output
+
+
+@pytest.mark.usefixtures("db")
+def test_submit_wait_of_a_cancelled_job_exits_0(runner: CliRunner) -> None:
+    job = submit_variation("piapi", idempotency_key="order-10", **PIAPI_FIELDS)
+    run(runner, "cancel", str(job.id))
+    args = ["--origin-task-id", "imagine-1", "--index", "1", "--prompt", "a fox"]
+
+    result = run(runner, "submit", "piapi", *args, "--idempotency-key", "order-10", "--wait")
+
+    assert result.exit_code == 0, result.output
+    assert "status: cancelled" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "lines"),
+    [
+        (
+            [],
+            [
+                "Exit codes:",
+                "0 done",
+                "1 the job failed",
+                "2 usage or input error",
+                "3 timed out",
+            ],
+        ),
+        (
+            ["submit"],
+            [
+                "Exit codes:",
+                "0 submitted",
+                "1 with --wait: the job failed",
+                "2 usage or input error",
+                "3 with --wait: the job did not finish within --timeout",
+            ],
+        ),
+        (["status"], ["Exit codes:", "0 done", "1 the job failed", "2 usage error"]),
+    ],
+    ids=["variflow", "submit", "status"],
+)
+def test_help_states_the_exit_codes(
+    runner: CliRunner, command: list[str], lines: list[str]
+) -> None:
+    result = run(runner, *command, "--help")
+
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    positions = [text.index(line) for line in lines]
+    assert positions == sorted(positions), text

@@ -187,3 +187,16 @@ def test_a_plugged_in_provider_runs_a_job_end_to_end(echo: None, sqlite_url: str
     ]
     assert [r.method for r in upstream.requests] == ["POST", "GET", "GET"]
     assert [(t.job_id, t.status) for t in ended] == [(job.id, "completed")]
+
+
+class PollProvider(EchoProvider):
+    name: ClassVar[str] = "poll"  # VARIFLOW_POLL_* are variflow's own settings
+
+
+def test_a_provider_named_like_a_core_setting_is_refused() -> None:
+    providers.register(PollProvider)
+    try:
+        with pytest.raises(ConfigError, match="VARIFLOW_POLL_INTERVAL: a setting of variflow"):
+            load_settings()
+    finally:
+        providers.unregister("poll")

@@ -26,6 +26,7 @@ import httpx
 from pydantic import AnyHttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker import validation
 from worker.errors import (
     ErrorCode,
     InvalidInput,
@@ -241,14 +242,16 @@ def json_body(response: httpx.Response, provider: str) -> Any:
         ) from exc
 
 
-def require_str(params: Mapping[str, Any], name: str) -> str:
-    value = params.get(name)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInput(name, "required, a non-empty string")
-    return value.strip()
+def require_str(
+    params: Mapping[str, Any], name: str, *, max_chars: int = validation.MAX_NAME_CHARS
+) -> str:
+    """A required, non-blank text parameter, stripped: at most ``max_chars`` characters,
+    without NUL or lone surrogates (worker.validation.text)."""
+    return validation.required_text(name, params.get(name), max_chars=max_chars)
 
 
 def reject_image(params: Mapping[str, Any], image: InputImage | None, provider: str) -> None:
+    """For a provider that takes no input image: neither ``image`` nor ``image_url``."""
     if image is not None or "image_url" in params:
         raise InvalidInput("image", f"{provider} does not take an input image")
 
@@ -267,8 +270,16 @@ def error_message(body: Any) -> str | None:
 
 
 def reject_unknown(params: Mapping[str, Any], allowed: set[str], provider: str) -> None:
-    unknown = sorted(set(params) - allowed)
+    """InvalidInput naming the first parameter ``provider`` does not take (a name that is
+    not clean, short text is named ``params``, with a safe rendering in the message)."""
+    unknown = sorted(
+        (key for key in params if key not in allowed),
+        key=lambda key: key if isinstance(key, str) else validation.describe(key),
+    )
     if unknown:
+        key = unknown[0]
+        field = validation.param_name(key)
+        shown = "" if field == key else f"{validation.describe(key)} is "
         raise InvalidInput(
-            unknown[0], f"not a {provider} parameter (allowed: {', '.join(sorted(allowed))})"
+            field, f"{shown}not a {provider} parameter (allowed: {', '.join(sorted(allowed))})"
         )

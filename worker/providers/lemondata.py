@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import httpx
-from PIL import Image, UnidentifiedImageError
 from pydantic import AnyHttpUrl, Field
 
 from worker.errors import ErrorCode, InvalidInput, InvalidWebhook
@@ -28,8 +27,10 @@ from worker.providers.base import (
     send,
 )
 from worker.status import JobStatus, Source, UpstreamState
+from worker.validation import MAX_NAME_CHARS, describe, http_url, read_image, text
 
 SIZES = ("256x256", "512x512", "1024x1024")
+_DIGITS = re.compile(r"[0-9]{1,3}")
 FORMATS = ("url", "b64_json")
 _PARAMS = {"image_url", "n", "size", "response_format", "user", "model"}
 _STATUS = {
@@ -96,39 +97,39 @@ class LemonDataProvider:
             raise InvalidInput("image", "exactly one image is required (a URL, a path or bytes)")
         if image is not None:
             self.check_image(image)
-        clean: dict[str, Any] = {k: params[k] for k in ("image_url", "user") if k in params}
+        clean: dict[str, Any] = {}
+        if "image_url" in params:
+            clean["image_url"] = http_url("image_url", params["image_url"])
+        if "user" in params:
+            clean["user"] = text("user", params["user"], max_chars=MAX_NAME_CHARS)
         n = params.get("n", 1)
-        if isinstance(n, str) and n.isdigit():
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if isinstance(n, str) and _DIGITS.fullmatch(n):
             n = int(n)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
-            raise InvalidInput("n", f"an integer from 1 to 10, got {n!r}")
+            raise InvalidInput("n", f"an integer from 1 to 10, got {describe(n)}")
         clean["n"] = n
-        clean["size"] = params.get("size", "1024x1024")
-        if clean["size"] not in SIZES:
-            raise InvalidInput("size", f"one of {', '.join(SIZES)}, got {clean['size']!r}")
-        clean["response_format"] = params.get("response_format", "url")
-        if clean["response_format"] not in FORMATS:
+        size = params.get("size", "1024x1024")
+        if not isinstance(size, str) or size not in SIZES:
+            raise InvalidInput("size", f"one of {', '.join(SIZES)}, got {describe(size)}")
+        clean["size"] = size
+        response_format = params.get("response_format", "url")
+        if not isinstance(response_format, str) or response_format not in FORMATS:
             raise InvalidInput("response_format", f"one of {', '.join(FORMATS)}")
-        if params.get("model", "dall-e-2") != "dall-e-2":
+        clean["response_format"] = response_format
+        model = params.get("model", "dall-e-2")
+        if not isinstance(model, str) or model != "dall-e-2":
             raise InvalidInput("model", "only dall-e-2 makes variations")
-        if "user" in clean and not isinstance(clean["user"], str):
-            raise InvalidInput("user", "must be a string")
         return clean
 
     def check_image(self, image: InputImage) -> None:
-        """The file rules of providers.md §3: a valid, square PNG within the size limit."""
+        """The file rules of providers.md §3: a square PNG within the size limit that
+        decodes (its pixel size read from the header and capped first: worker.validation)."""
         if len(image.content) > self._max_image_bytes:
             raise InvalidInput(
                 "image", f"{len(image.content)} bytes is over the limit of {self._max_image_bytes}"
             )
-        try:
-            with Image.open(io.BytesIO(image.content)) as decoded:
-                image_format, (width, height) = decoded.format, decoded.size
-                decoded.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise InvalidInput("image", "not a readable image file") from exc
-        if image_format != "PNG":
-            raise InvalidInput("image", f"must be a PNG, got {image_format}")
+        _format, width, height = read_image("image", image.content, ("PNG",))
         if width != height:
             raise InvalidInput("image", f"must be square, got {width}x{height}")
 

@@ -27,10 +27,13 @@ from worker.providers.base import (
     send,
 )
 from worker.status import JobStatus, Source, UpstreamState
+from worker.upstream_text import storable, task_id_problem, usable_url, usable_urls
+from worker.validation import MAX_NAME_CHARS, MAX_PROMPT_CHARS, describe
 
 INDEXES = ("1", "2", "3", "4", "high_variation", "low_variation")
 SERVICE_MODES = ("", "public", "private")
-_ASPECT_RATIO = re.compile(r"\d{1,3}:\d{1,3}")
+# ASCII digits only (\d would also take other scripts' digits, which PiAPI cannot read).
+_ASPECT_RATIO = re.compile(r"[0-9]{1,3}:[0-9]{1,3}")
 _STATUS = {
     "pending": JobStatus.SUBMITTED,
     "staged": JobStatus.SUBMITTED,
@@ -92,28 +95,31 @@ class PiAPIProvider:
         reject_image(params, image, self.name)
         reject_unknown(params, _PARAMS, self.name)
         index = params.get("index")
-        if isinstance(index, int) and not isinstance(index, bool):
+        if isinstance(index, int) and not isinstance(index, bool) and 0 <= index <= 9:
             index = str(index)
-        if index not in INDEXES:
-            raise InvalidInput("index", f"must be one of {', '.join(INDEXES)}, got {index!r}")
+        if not isinstance(index, str) or index not in INDEXES:
+            raise InvalidInput(
+                "index", f"must be one of {', '.join(INDEXES)}, got {describe(index)}"
+            )
         clean: dict[str, Any] = {
-            "origin_task_id": require_str(params, "origin_task_id"),
+            "origin_task_id": require_str(params, "origin_task_id", max_chars=MAX_NAME_CHARS),
             "index": index,
-            "prompt": require_str(params, "prompt"),
+            "prompt": require_str(params, "prompt", max_chars=MAX_PROMPT_CHARS),
         }
         if "aspect_ratio" in params:
             ratio = params["aspect_ratio"]
             if not isinstance(ratio, str) or not _ASPECT_RATIO.fullmatch(ratio):
-                raise InvalidInput("aspect_ratio", f"must look like '16:9', got {ratio!r}")
+                raise InvalidInput("aspect_ratio", f"must look like '16:9', got {describe(ratio)}")
             clean["aspect_ratio"] = ratio
         if "skip_prompt_check" in params:
             if not isinstance(params["skip_prompt_check"], bool):
                 raise InvalidInput("skip_prompt_check", "must be true or false")
             clean["skip_prompt_check"] = params["skip_prompt_check"]
         if "service_mode" in params:
-            if params["service_mode"] not in SERVICE_MODES:
+            mode = params["service_mode"]
+            if not isinstance(mode, str) or mode not in SERVICE_MODES:
                 raise InvalidInput("service_mode", f"must be one of {SERVICE_MODES}")
-            clean["service_mode"] = params["service_mode"]
+            clean["service_mode"] = mode
         return clean
 
     def submit(self, request: SubmitRequest) -> Submission:
@@ -167,6 +173,9 @@ class PiAPIProvider:
         task_id = data.get("task_id")
         if not isinstance(task_id, str) or not task_id.strip():
             raise InvalidWebhook("data.task_id: required, a non-empty string")
+        problem = task_id_problem(task_id)
+        if problem is not None:  # it could never be stored, nor match a stored one
+            raise InvalidWebhook(f"data.task_id: {problem}")
         return self.state_from_data(data, Source.WEBHOOK)
 
     def cancel(self, target: PollTarget) -> bool:
@@ -185,28 +194,39 @@ class PiAPIProvider:
         return True
 
     def state_from_data(self, data: Mapping[str, Any], source: Source) -> UpstreamState:
-        raw_status = str(data.get("status") or "").strip().lower()
+        """The state a task envelope's ``data`` reports, safe to store whatever it holds
+        (worker.upstream_text): a value of the wrong type counts as absent."""
+        raw_status = data.get("status")
+        raw_status = raw_status.strip().lower() if isinstance(raw_status, str) else ""
         status = _STATUS.get(raw_status, JobStatus.SUBMITTED)
         output = data.get("output") if isinstance(data.get("output"), Mapping) else {}
         assert isinstance(output, Mapping)
         progress = output.get("progress", output.get("task_progress"))
+        # A JSON number (int() of 1e400's inf or of NaN would raise; so would isfinite()
+        # of an integer too large for a float); anything else is no progress.
+        percent = (
+            max(0, min(100, int(progress)))
+            if isinstance(progress, int | float)
+            and not isinstance(progress, bool)
+            and (isinstance(progress, int) or math.isfinite(progress))
+            else None
+        )
         error = data.get("error") if isinstance(data.get("error"), Mapping) else {}
         assert isinstance(error, Mapping)
-        error_message = str(error.get("message") or error.get("raw_message") or "") or None
+        messages = (error.get("message"), error.get("raw_message"))
+        error_message = next((m for m in messages if isinstance(m, str) and m), None)
         task_id = data.get("task_id")
-        return UpstreamState(
-            status=status,
-            source=source,
-            progress=(
-                int(progress)
-                if isinstance(progress, int | float) and math.isfinite(progress)
-                else None
-            ),
-            image_urls=_image_urls(output),
-            error_code=ErrorCode.UPSTREAM_FAILED if status is JobStatus.FAILED else None,
-            error_message=error_message,
-            upstream_task_id=str(task_id) if task_id else None,
-            payload={"status": raw_status, "progress": progress, "task_id": task_id},
+        return storable(
+            UpstreamState(
+                status=status,
+                source=source,
+                progress=percent,
+                image_urls=_image_urls(output),
+                error_code=ErrorCode.UPSTREAM_FAILED if status is JobStatus.FAILED else None,
+                error_message=error_message,
+                upstream_task_id=str(task_id) if task_id else None,
+                payload={"status": raw_status, "progress": progress, "task_id": task_id},
+            )
         )
 
     def _call(
@@ -249,11 +269,13 @@ class PiAPIProvider:
 
 
 def _image_urls(output: Mapping[str, Any]) -> tuple[str, ...]:
+    """The result URLs, from the first field that holds a usable one (a URL that could
+    not be stored whole — NUL, lone surrogate, too long — is not usable)."""
     for key in ("image_urls", "temporary_image_urls"):
         urls = output.get(key)
         if isinstance(urls, list):
-            found = tuple(u for u in urls if isinstance(u, str) and u)
+            found = usable_urls(urls)
             if found:
                 return found
-    grid = output.get("image_url")
-    return (grid,) if isinstance(grid, str) and grid else ()
+    grid = usable_url(output.get("image_url"))
+    return (grid,) if grid is not None else ()

@@ -30,10 +30,13 @@ from worker.providers.base import (
     send,
 )
 from worker.status import JobStatus, Source, UpstreamState
+from worker.validation import MAX_NAME_CHARS, http_url, read_image, required_text
 
 COMPLETED_WORDS = frozenset({"ok", "success", "completed", "done"})
 FAILED_WORDS = frozenset({"failed", "error"})
 _PARAMS = {"image_url", "image_name", "grouping"}
+# The image types Piclaza reads (sent as a data: URI of the detected type).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 # Not a result: the input image is echoed back in `reference`.
 _NOT_RESULTS = frozenset({"reference"})
 
@@ -80,7 +83,12 @@ class PiclazaProvider:
             raise InvalidInput("image", "exactly one image is required (a URL, a path or bytes)")
         clean: dict[str, Any] = {}
         if has_url:
-            clean["image_url"] = params["image_url"]
+            clean["image_url"] = http_url("image_url", params["image_url"])
+        elif image is not None:
+            read_image("image", image.content, IMAGE_FORMATS)
+        if "image_name" in params:
+            # Accepted and checked, but the file's own name is what is sent (providers.md §2).
+            required_text("image_name", params["image_name"], max_chars=MAX_NAME_CHARS)
         if "grouping" in params:
             if not isinstance(params["grouping"], bool):
                 raise InvalidInput("grouping", "must be true or false")

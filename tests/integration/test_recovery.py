@@ -1,0 +1,209 @@
+"""Recovery: a provider's answer survives a database restart, claims and leases are kept
+alive by their holder (so they can be short), and a dead holder's job is taken again.
+
+The database restarts happen on a PostgreSQL of the test's own (initdb into a temporary
+folder, its own port): the shared server is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import update
+
+import worker.submit
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from sandbox.testing import png_bytes, wait_until
+from tests.conftest import Configure, unavailable
+from worker.api import get_job, submit_variation
+from worker.devservers import PostgresServer
+from worker.devstack import sandbox_env
+from worker.migrate import upgrade
+from worker.models import Job, utcnow
+from worker.polling import lease_due, poll_jobs
+from worker.runtime import current, session_scope
+from worker.submit import SubmitOutcome, submit
+from worker.sweep import sweep
+
+pytestmark = pytest.mark.services
+
+PIAPI = {"origin_task_id": "imagine-1", "index": "1", "prompt": "a red fox"}
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    try:
+        server = PostgresServer().init()
+    except Exception as exc:  # no server binaries: skipped here, a failure in CI
+        unavailable("a private PostgreSQL (initdb)", exc)
+        raise
+    upgrade(server.url)
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def sandbox(configure: Configure) -> Iterator[SandboxServer]:
+    config = SandboxConfig(pending_seconds=30, processing_seconds=30, seed=5)
+    with SandboxServer(config=config) as server:
+        configure(
+            public_url="http://127.0.0.1:9",
+            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(server.url).items()},
+        )
+        yield server
+
+
+@pytest.fixture
+def on_own_postgres(own_postgres: PostgresServer, configure: Configure) -> PostgresServer:
+    if not own_postgres.is_up():
+        own_postgres.start()
+    configure(database_url=own_postgres.url)
+    with session_scope() as session:
+        session.execute(update(Job).values(status="cancelled"))  # earlier tests' jobs: done
+    return own_postgres
+
+
+def _claimed_until(job_id: object) -> datetime | None:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job.claimed_until
+
+
+def _create_started(job_id: object) -> bool:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return job is not None and job.create_started_at is not None
+
+
+def test_an_answer_is_written_once_the_database_is_back(
+    on_own_postgres: PostgresServer,
+    sandbox: SandboxServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The create takes 2 s upstream; the database goes away while it is in flight.
+    sandbox.state.update_config(slow_rate=1.0, slow_seconds=2.0)
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    caplog.set_level(logging.WARNING, logger="worker.submit")
+    outcome: list[SubmitOutcome] = []
+    submitting = threading.Thread(target=lambda: outcome.append(submit(job.id, current())))
+    submitting.start()
+    wait_until(lambda: _create_started(job.id))
+    on_own_postgres.stop()
+    wait_until(lambda: "database unavailable" in caplog.text, timeout=30)
+    on_own_postgres.start()
+    submitting.join(60)
+
+    assert outcome and outcome[0].carry is None
+    done = get_job(job.id)
+    assert done.status == "submitted", done.error_message
+    assert done.upstream_task_id is not None
+    assert sandbox.state.stats()["creates"]["piclaza"] == 1
+
+
+def test_an_answer_the_worker_cannot_write_is_carried_in_its_retry_message(
+    on_own_postgres: PostgresServer,
+    sandbox: SandboxServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker.submit, "RECORD_IN_WORKER_FOR", 0.5)
+    sandbox.state.update_config(slow_rate=1.0, slow_seconds=1.0)
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    outcome: list[SubmitOutcome] = []
+    submitting = threading.Thread(target=lambda: outcome.append(submit(job.id, current())))
+    submitting.start()
+    wait_until(lambda: _create_started(job.id))
+    on_own_postgres.stop()
+    submitting.join(60)
+    assert outcome and outcome[0].carry is not None
+    assert outcome[0].retry_in is not None
+
+    # Still down: the message carries the answer on; back up: it is written.
+    again = submit(job.id, current(), carried=outcome[0].carry)
+    assert again.carry == outcome[0].carry
+    on_own_postgres.start()
+    assert submit(job.id, current(), carried=outcome[0].carry).carry is None
+
+    done = get_job(job.id)
+    assert done.status == "submitted"
+    assert done.upstream_task_id is not None
+    assert sandbox.state.stats()["creates"]["piclaza"] == 1
+
+
+def test_a_claim_is_kept_alive_while_its_create_runs(
+    pg_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    settings = configure(submit_claim_ttl=3)
+    sandbox.state.update_config(slow_rate=1.0, slow_seconds=4.0)
+    job = submit_variation("piapi", **PIAPI)
+    submitting = threading.Thread(target=lambda: submit(job.id, current()))
+    submitting.start()
+    wait_until(lambda: _create_started(job.id))
+    first = _claimed_until(job.id)
+    assert first is not None
+    # Renewed past its first expiry while the slow create runs ...
+    wait_until(lambda: (_claimed_until(job.id) or first) > first + timedelta(seconds=1))
+    # ... so the sweep, which runs meanwhile, neither releases nor fails it.
+    report = sweep(current())
+    assert job.id not in report.released + report.unknown
+    submitting.join(30)
+
+    assert get_job(job.id).status == "submitted"
+    assert sandbox.state.stats()["creates"]["piapi"] == 1
+    assert settings.submit_claim_ttl == 3
+
+
+def test_a_dead_workers_claim_is_taken_again_soon_after_it_lapses(
+    pg_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    configure(submit_claim_ttl=3)
+    job = submit_variation("piapi", **PIAPI)
+    assert worker.submit.claim_for_submit(job.id, current()) is not None  # then the worker dies
+
+    # The redelivered message finds the claim held: it looks again when it can lapse.
+    held = submit(job.id, current())
+    assert held.retry_in is not None and held.retry_in <= 3 + 1
+
+    wait_until(lambda: (_claimed_until(job.id) or utcnow()) < utcnow(), timeout=10)
+    assert submit(job.id, current()).retry_in is None
+    assert get_job(job.id).status == "submitted"
+    assert sandbox.state.stats()["creates"]["piapi"] == 1
+
+
+def test_a_poll_lease_is_kept_alive_while_the_poll_runs(
+    pg_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    configure(poll_lease=3, poll_backoff_start=0.05)
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    submit(job.id, current())
+    with session_scope() as session:
+        session.execute(update(Job).values(next_poll_at=utcnow() - timedelta(seconds=1)))
+    (batch,) = lease_due(current())
+    leased_until = utcnow() + timedelta(seconds=3)
+    sandbox.state.update_config(slow_rate=1.0, slow_seconds=4.0)
+
+    renewed: list[bool] = []
+
+    def watch() -> None:
+        def beyond_lease() -> bool:
+            with session_scope() as session:
+                row = session.get(Job, job.id)
+                assert row is not None and row.next_poll_at is not None
+                return row.next_poll_at > leased_until + timedelta(seconds=0.5)
+
+        wait_until(beyond_lease, timeout=10)
+        renewed.append(True)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    poll_jobs(batch.provider, batch.job_ids, current())
+    watcher.join(15)
+
+    assert renewed == [True]
+    assert sandbox.state.stats()["piclaza_batch"]["queries"] == 1
+    assert get_job(job.id).status in ("submitted", "processing")

@@ -1,0 +1,411 @@
+"""The receiver never answers 5xx to a body it was sent: one regression test per kind of body
+that once did, on SQLite and on PostgreSQL (which refuses NUL in text, non-finite numbers
+in JSONB, and cannot encode a lone surrogate). See also tests/integration/test_webhook_fuzz.py.
+
+Each body is applied (cleaned), ignored with 200, or refused with a documented 4xx; a
+delivery without the right secret changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import String
+from sqlalchemy.exc import IntegrityError
+
+from tests.conftest import Configure
+from tests.webhook_support import (
+    GLOBAL_SECRET,
+    HEADER,
+    SECRET,
+    URL,
+    envelope,
+    events,
+    insert_job,
+    picture,
+    raw,
+    raw_json,
+    row,
+)
+from webhooks import create_app, receiver
+from worker import jobs
+from worker.models import Job, utcnow
+from worker.providers import piapi
+from worker.runtime import current, session_scope
+from worker.status import JobStatus, Source, UpstreamState
+from worker.upstream_text import MAX_ERROR_CODE, MAX_TASK_ID, REPLACEMENT
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
+UNSTORABLE = ["\x00", "\ud800", "\udfff"]  # NUL, lone high and lone low surrogates
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def client(request: pytest.FixtureRequest, configure: Configure) -> FlaskClient:
+    """A test client of the web app on each backend, with the global endpoint's secret."""
+    request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url")
+    configure(piapi_webhook_secret=GLOBAL_SECRET)
+    app = create_app()
+    app.testing = True
+    return app.test_client()
+
+
+def post(
+    client: FlaskClient, job_id: object, body: str | bytes, secret: str | None = SECRET
+) -> Any:
+    """POST raw JSON text to the job's endpoint."""
+    headers = {HEADER: secret} if secret is not None else {}
+    return client.post(
+        f"/webhooks/piapi/{job_id}", data=body, content_type="application/json", headers=headers
+    )
+
+
+def post_global(client: FlaskClient, body: str | bytes, secret: str | None = GLOBAL_SECRET) -> Any:
+    headers = {HEADER: secret} if secret is not None else {}
+    return client.post(
+        "/webhooks/piapi", data=body, content_type="application/json", headers=headers
+    )
+
+
+def adopting_job(**fields: Any) -> uuid.UUID:
+    """A job whose create call's answer was lost: the first webhook names its task."""
+    return insert_job(
+        status="queued",
+        upstream_task_id=None,
+        submitted_at=None,
+        claim_token="tok",
+        claimed_until=utcnow() + timedelta(minutes=5),
+        **fields,
+    )
+
+
+def test_limits_match_the_columns() -> None:
+    for column, limit in (("upstream_task_id", MAX_TASK_ID), ("error_code", MAX_ERROR_CODE)):
+        kind = Job.__table__.c[column].type
+        assert isinstance(kind, String)
+        assert kind.length == limit
+
+
+# --- non-finite numbers ----------------------------------------------------------------
+
+
+def test_non_finite_progress_is_applied_without_progress(client: FlaskClient) -> None:
+    for task, token in enumerate(NON_FINITE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = raw_json(envelope("processing", str(task), progress=raw(token)))
+        assert f'"progress": {token}' in body
+        answer = post(client, job_id, body)
+        assert answer.status_code == 200, (token, answer.get_data(as_text=True))
+        assert answer.get_json()["outcome"] == "transition"
+        job = row(job_id)
+        assert (job.status, job.progress) == ("processing", 0)
+        payload = events(job_id)[-1].payload
+        assert payload == {"status": "processing", "progress": None, "task_id": str(task)}
+
+
+def test_non_finite_progress_for_the_same_status_is_ignored(client: FlaskClient) -> None:
+    for task, token in enumerate(NON_FINITE):
+        job_id = insert_job(status="processing", progress=40, upstream_task_id=str(task))
+        answer = post(
+            client, job_id, raw_json(envelope("processing", str(task), progress=raw(token)))
+        )
+        assert answer.status_code == 200, token
+        assert answer.get_json()["outcome"] == "ignored"
+        assert row(job_id).progress == 40
+
+
+def test_an_integer_too_large_for_a_float_is_full_progress(client: FlaskClient) -> None:
+    job_id = insert_job()
+    answer = post(client, job_id, raw_json(envelope("processing", progress=raw("9" * 400))))
+    assert answer.status_code == 200
+    assert row(job_id).progress == 100
+    payload = events(job_id)[-1].payload
+    assert payload is not None
+    assert payload["progress"] is None  # beyond 64 bits: not kept
+
+
+def test_non_finite_numbers_anywhere_else_are_harmless(client: FlaskClient) -> None:
+    job_id = insert_job()
+    body = envelope("processing", progress=5)
+    body["timestamp"] = raw("NaN")
+    body["data"]["error"]["code"] = raw("-Infinity")
+    body["data"]["output"]["image_urls"] = [raw("1e400")]
+    assert post(client, job_id, raw_json(body)).status_code == 200
+    assert row(job_id).progress == 5
+
+
+# --- NUL and lone surrogates (sent as the JSON escapes \u0000, \ud800, \udfff) ---------
+
+
+def test_unstorable_characters_in_the_status(client: FlaskClient) -> None:
+    for task, bad in enumerate(UNSTORABLE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = raw_json(envelope(f"proc{bad}essing", str(task)))
+        assert "\\u0000" in body or "\\ud" in body
+        answer = post(client, job_id, body)
+        assert answer.status_code == 200, repr(bad)
+        assert answer.get_json()["outcome"] == "ignored"  # an unknown status: still submitted
+        assert row(job_id).status == "submitted"
+        payload = events(job_id)[-1].payload
+        assert payload is not None
+        assert payload["status"] == f"proc{REPLACEMENT}essing"
+
+
+def test_unstorable_characters_in_the_error_message(client: FlaskClient) -> None:
+    for task, bad in enumerate(UNSTORABLE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = raw_json(envelope("failed", str(task), error_message=f"bad{bad}prompt"))
+        assert post(client, job_id, body).status_code == 200, repr(bad)
+        job = row(job_id)
+        assert (job.status, job.error_code) == ("failed", "upstream_failed")
+        assert job.error_message == f"bad{REPLACEMENT}prompt"
+        assert events(job_id)[-1].message == f"upstream_failed: bad{REPLACEMENT}prompt"
+
+
+def test_a_result_url_with_unstorable_characters_is_dropped(client: FlaskClient) -> None:
+    for task, bad in enumerate(UNSTORABLE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = envelope("completed", str(task), 100, [f"{URL}{bad}", URL])
+        assert post(client, job_id, raw_json(body)).status_code == 200, repr(bad)
+        job = row(job_id)
+        assert (job.status, job.result_urls) == ("completed", [URL])
+
+
+def test_only_unusable_result_urls_is_a_completion_without_results(client: FlaskClient) -> None:
+    for task, bad in enumerate(UNSTORABLE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = envelope("completed", str(task), 100, [f"{URL}{bad}"])
+        body["data"]["output"]["image_url"] = bad
+        body["data"]["output"]["temporary_image_urls"] = ["x" * 5000]  # longer than a URL
+        assert post(client, job_id, raw_json(body)).status_code == 200, repr(bad)
+        job = row(job_id)
+        assert (job.status, job.error_code, job.result_urls) == ("failed", "no_result", None)
+
+
+def test_a_huge_error_message_is_cut(client: FlaskClient) -> None:
+    job_id = insert_job()
+    answer = post(client, job_id, raw_json(envelope("failed", error_message="x" * 500_000)))
+    assert answer.status_code == 200
+    message = row(job_id).error_message
+    assert message is not None
+    assert 0 < len(message) <= 2000
+
+
+def test_unstorable_characters_in_keys_and_other_fields(client: FlaskClient) -> None:
+    for task, bad in enumerate(UNSTORABLE):
+        job_id = insert_job(upstream_task_id=str(task))
+        body = envelope("processing", str(task), progress=10)
+        body["data"][f"key{bad}"] = f"value{bad}"
+        body["data"]["output"][f"progress{bad}"] = 99
+        body["data"]["error"]["raw_message"] = bad
+        assert post(client, job_id, raw_json(body)).status_code == 200, repr(bad)
+        assert row(job_id).progress == 10
+
+
+# --- deep nesting ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1_000, 5_000, 100_000])
+def test_a_body_nested_deeper_than_the_parser_goes_is_400(client: FlaskClient, depth: int) -> None:
+    job_id = insert_job()
+    before = picture(job_id)
+    assert post(client, job_id, "[" * depth + "]" * depth).status_code == 400
+    nested = raw_json(envelope(progress=raw('{"a":' * depth + "1" + "}" * depth)))
+    assert post(client, job_id, nested).status_code == 400
+    assert post_global(client, nested).status_code == 400
+    assert picture(job_id) == before
+
+
+def test_nesting_the_parser_takes_is_applied_and_kept_shallow(client: FlaskClient) -> None:
+    job_id = insert_job()
+    progress = raw("[" * 300 + "]" * 300)
+    answer = post(client, job_id, raw_json(envelope("processing", progress=progress)))
+    assert answer.status_code == 200
+    stored = events(job_id)[-1].payload
+    assert stored is not None
+    assert len(json.dumps(stored)) < 200
+
+
+# --- task ids --------------------------------------------------------------------------
+
+
+def test_adopting_a_task_id_another_job_follows_is_409(client: FlaskClient) -> None:
+    owner = insert_job(upstream_task_id="t-owned")
+    job_id = adopting_job()
+    before = picture(job_id), picture(owner)
+    for status in ("pending", "processing", "completed", "failed"):
+        body = envelope(status, task_id="t-owned", image_urls=[URL])
+        answer = post(client, job_id, raw_json(body))
+        assert answer.status_code == 409, answer.get_data(as_text=True)
+        assert (picture(job_id), picture(owner)) == before
+
+
+def test_a_concurrent_adoption_is_caught_by_the_constraint(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another job adopts the task between the check and the write: the unique
+    # constraint catches it, the savepoint keeps the transaction usable, 409.
+    owner = insert_job(upstream_task_id="t-raced")
+    job_id = adopting_job()
+    before = picture(job_id), picture(owner)
+    checks: list[str] = []
+    real_owner = jobs.task_owner
+
+    def blind_first(session: Any, provider: str, task_id: str) -> uuid.UUID | None:
+        checks.append(task_id)
+        return None if len(checks) == 1 else real_owner(session, provider, task_id)
+
+    monkeypatch.setattr(jobs, "task_owner", blind_first)
+    answer = post(client, job_id, raw_json(envelope("processing", task_id="t-raced")))
+    assert answer.status_code == 409
+    assert checks == ["t-raced", "t-raced"]
+    assert (picture(job_id), picture(owner)) == before
+    # The next delivery of the job's own task is applied as usual.
+    monkeypatch.undo()
+    assert (
+        post(client, job_id, raw_json(envelope("processing", task_id="t-own"))).status_code == 200
+    )
+    assert row(job_id).upstream_task_id == "t-own"
+
+
+def test_two_jobs_adopting_one_task_at_once(pg_url: str) -> None:
+    # Really concurrent, on PostgreSQL: the second transaction's check cannot see the
+    # first's uncommitted adoption; its write waits for it, then hits the constraint.
+    first, second = adopting_job(), adopting_job()
+    state = UpstreamState(JobStatus.SUBMITTED, Source.WEBHOOK, upstream_task_id="t-both")
+    plan = jobs.PollPlan.of(current().settings, 120.0)
+    db = current().db
+    outcome: list[str] = []
+
+    def adopt_second() -> None:
+        with db.session() as session:
+            job = jobs.lock_job(session, second)
+            assert job is not None
+            try:
+                jobs.accept_webhook(session, job, state, plan)
+                outcome.append("applied")
+            except jobs.TaskIdTaken:
+                session.rollback()
+                outcome.append("taken")
+
+    with db.session() as session:
+        job = jobs.lock_job(session, first)
+        assert job is not None
+        jobs.accept_webhook(session, job, state, plan)
+        session.flush()
+        racer = threading.Thread(target=adopt_second)
+        racer.start()
+        racer.join(timeout=0.5)  # it waits on the first's uncommitted row
+    racer.join(timeout=30)
+    assert outcome == ["taken"]
+    assert (row(first).upstream_task_id, row(second).upstream_task_id) == ("t-both", None)
+
+
+def test_an_integrity_error_that_is_not_about_the_task_id_is_raised(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a task id another job follows is a conflict; any other violation is a bug.
+    job_id = adopting_job()
+
+    def broken(*_args: object) -> None:
+        raise IntegrityError("UPDATE jobs ...", {}, Exception("another constraint"))
+
+    monkeypatch.setattr(jobs, "_accept_webhook", broken)
+    state = UpstreamState(JobStatus.SUBMITTED, Source.WEBHOOK, upstream_task_id="t-9")
+    plan = jobs.PollPlan.of(current().settings, 120.0)
+    with pytest.raises(IntegrityError), session_scope() as session:
+        job = jobs.lock_job(session, job_id)
+        assert job is not None
+        jobs.accept_webhook(session, job, state, plan)
+
+
+def test_adopting_the_longest_storable_task_id(client: FlaskClient) -> None:
+    job_id = adopting_job()
+    task_id = "t" * MAX_TASK_ID
+    assert post(client, job_id, raw_json(envelope("pending", task_id=task_id))).status_code == 200
+    assert row(job_id).upstream_task_id == task_id
+
+
+@pytest.mark.parametrize("length", [MAX_TASK_ID + 1, 100_000])
+def test_a_task_id_longer_than_the_column_is_400(client: FlaskClient, length: int) -> None:
+    job_id = adopting_job()
+    other = insert_job(upstream_task_id="t" * MAX_TASK_ID)
+    before = picture(job_id), picture(other)
+    body = raw_json(envelope("processing", task_id="t" * length))
+    answer = post(client, job_id, body)
+    assert answer.status_code == 400
+    assert "task_id" in answer.get_json()["error"]
+    assert post_global(client, body).status_code == 400
+    assert (picture(job_id), picture(other)) == before
+
+
+def test_unstorable_characters_in_the_task_id_are_400(client: FlaskClient) -> None:
+    job_id = adopting_job()
+    other = insert_job(upstream_task_id="t-1")
+    before = picture(job_id), picture(other)
+    for task_id in [form.format(bad) for bad in UNSTORABLE for form in ("t-1{}", "{}", "{}t-1")]:
+        body = raw_json(envelope("completed", task_id=task_id, image_urls=[URL]))
+        assert post_global(client, body).status_code == 400
+        assert post(client, job_id, body).status_code == 400
+        assert post(client, other, body).status_code == 400
+    assert (picture(job_id), picture(other)) == before
+
+
+# --- the last line of defence ----------------------------------------------------------
+
+
+def test_a_value_the_database_refuses_is_400_not_500(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Were storable() to miss something, the receiver still answers 400, not 500.
+    monkeypatch.setattr(piapi, "storable", lambda state: state)
+    monkeypatch.setattr(receiver, "storable", lambda state: state)
+    postgres = _is_postgres()
+    refused = ["\ud800"] + (["\x00"] if postgres else [])
+    for task, bad in enumerate(refused):
+        job_id = insert_job(upstream_task_id=str(task))
+        before = picture(job_id)
+        body = raw_json(envelope("failed", str(task), error_message=f"bad{bad}"))
+        answer = post(client, job_id, body)
+        assert answer.status_code == 400, repr(bad)
+        assert answer.get_json() == {"error": "body holds a value that cannot be stored"}
+        assert picture(job_id) == before
+    caught = [r.getMessage() for r in caplog.records if "database refused" in r.getMessage()]
+    assert len(caught) == len(refused)
+    assert not any("bad" in message for message in caught)  # it names no value
+
+
+def _is_postgres() -> bool:
+    with session_scope() as session:
+        return session.get_bind().dialect.name == "postgresql"
+
+
+# --- without the right secret nothing changes, whatever the body -------------------------
+
+
+NASTY = {
+    "nan-progress": raw_json(envelope("completed", progress=raw("NaN"), image_urls=[URL])),
+    "nul-status": raw_json(envelope("fail\x00ed")),
+    "surrogate-message": raw_json(envelope("failed", error_message="\ud800")),
+    "deep": "[" * 50_000 + "]" * 50_000,
+    "long-task-id": raw_json(envelope("completed", task_id="t" * 1000, image_urls=[URL])),
+    "owned-task-id": raw_json(envelope("completed", task_id="t-owned", image_urls=[URL])),
+    "not-json": b"\xff\xfe{",
+}
+
+
+@pytest.mark.parametrize("body", NASTY.values(), ids=NASTY.keys())
+def test_without_the_right_secret_nothing_changes(client: FlaskClient, body: str | bytes) -> None:
+    owner = insert_job(upstream_task_id="t-owned")
+    job_id = adopting_job()
+    before = picture(job_id), picture(owner)
+    for secret in (None, "", "wrong", SECRET + "x", GLOBAL_SECRET):
+        assert post(client, job_id, body, secret=secret).status_code == 401
+    for secret in (None, "", "wrong", SECRET):
+        assert post_global(client, body, secret=secret).status_code == 401
+    assert (picture(job_id), picture(owner)) == before
