@@ -313,6 +313,8 @@ def claim_for_submit(
             Job.status == JobStatus.QUEUED.value,
             or_(Job.claimed_until.is_(None), Job.claimed_until < now),
             or_(Job.retry_at.is_(None), Job.retry_at <= now + RETRY_TOLERANCE),
+            # A create may have been sent: never again (the sweep settles it).
+            Job.create_started_at.is_(None),
         )
         .values(
             claim_token=token,
@@ -352,12 +354,14 @@ def renew_claim(session: Session, job_id: uuid.UUID, token: str, ttl: float, now
 
 
 def claim_expiry(session: Session, job_id: uuid.UUID) -> datetime | None:
-    """When another worker's claim on a queued job lapses (None: not claimed, or not queued)."""
+    """When another worker's claim on a queued job lapses, if the job can then be claimed
+    (None: not queued, not claimed, or a create was sent under the claim)."""
     return session.scalar(
         select(Job.claimed_until).where(
             Job.id == job_id,
             Job.status == JobStatus.QUEUED.value,
             Job.claim_token.is_not(None),
+            Job.create_started_at.is_(None),
         )
     )
 
@@ -612,27 +616,40 @@ class ExpiredClaims:
     unknown: list[uuid.UUID]  # failed: a create may have happened
 
 
+# A lapsed claim whose create was sent is given this long for its answer to arrive.
+LAPSED = "lapsed"  # the claim token while it waits
+
+
 def settle_expired_claims(
     session: Session,
     now: datetime,
     limit: int,
     skip_locked: bool,
-    unknown_after: timedelta = timedelta(0),
+    answer_grace: timedelta = timedelta(0),
 ) -> ExpiredClaims:
     """A submit claim expired: the worker died, or a create's outcome stayed unknown.
 
-    Before the create call, the job is released for another attempt; after
-    it, it fails clearly and is never sent again — but only ``unknown_after``
-    past the expiry: a worker that has the provider's answer and could not
-    write it (the database was restarting) records it as soon as it can.
+    Before the create call, the job is released for another attempt. After it,
+    the job is never sent again: the first sweep that sees the lapse gives the
+    answer ``answer_grace`` more (a worker holding it may have been unable to
+    write it while the database restarted: it writes it within seconds once the
+    database is back), and the next one fails the job ``submit_outcome_unknown``.
     """
     settled = ExpiredClaims({}, [])
     expired = select(Job).where(Job.status == JobStatus.QUEUED.value, Job.claimed_until < now)
     for job in session.scalars(expired.limit(limit).with_for_update(skip_locked=skip_locked)):
         if job.create_started_at is not None:
-            assert job.claimed_until is not None
-            if job.claimed_until > now - unknown_after:
-                continue  # its answer may still arrive
+            if job.claim_token != LAPSED and answer_grace > timedelta(0):
+                job.claim_token = LAPSED
+                job.claimed_until = now + answer_grace
+                record_event(
+                    session,
+                    job,
+                    Source.SWEEP,
+                    "submit claim lapsed after the create was sent; waiting "
+                    f"{answer_grace.total_seconds():g}s for its answer",
+                )
+                continue
             apply_update(
                 session,
                 job,

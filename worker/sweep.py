@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 OUTCOME_UNKNOWN = ErrorCode.SUBMIT_OUTCOME_UNKNOWN.value
 TIMEOUT = ErrorCode.TIMEOUT.value
 SWEEP_LIMIT = 500
+# A worker holding a create's answer it could not write retries every few seconds
+# (worker/submit.py RECORD_BACKOFF): this is ample once the database is back.
+ANSWER_GRACE = timedelta(seconds=10)  # twice the longest spacing of its retries
 
 __all__ = ["NOT_RESENT", "OUTCOME_UNKNOWN", "TIMEOUT", "SweepReport", "sweep"]
 
@@ -56,8 +59,7 @@ def sweep(runtime: Runtime) -> SweepReport:
             now,
             SWEEP_LIMIT,
             skip_locked,
-            # Two claim lifetimes: the answer's holder retries its write every few seconds.
-            unknown_after=timedelta(seconds=2 * settings.submit_claim_ttl),
+            answer_grace=ANSWER_GRACE,
         )
         report.unknown = expired.unknown
         report.released = list(expired.released)

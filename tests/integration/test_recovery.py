@@ -20,6 +20,7 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from sandbox.testing import png_bytes, wait_until
 from tests.conftest import Configure, unavailable
+from worker import jobs
 from worker.api import get_job, submit_variation
 from worker.devservers import PostgresServer
 from worker.devstack import sandbox_env
@@ -207,3 +208,34 @@ def test_a_poll_lease_is_kept_alive_while_the_poll_runs(
     assert renewed == [True]
     assert sandbox.state.stats()["piclaza_batch"]["queries"] == 1
     assert get_job(job.id).status in ("submitted", "processing")
+
+
+def test_a_create_sent_by_a_worker_that_died_is_never_sent_again(
+    pg_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    configure(submit_claim_ttl=3)
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    claim = worker.submit.claim_for_submit(job.id, current())
+    assert claim is not None
+    with session_scope() as session:  # the create was sent ... and the worker died
+        assert jobs.mark_create_started(session, job.id, claim.token, utcnow())
+        session.execute(
+            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
+        )
+
+    # The redelivered message neither creates again nor waits for the claim.
+    assert submit(job.id, current()) == worker.submit.NOTHING_TO_DO
+    # The first sweep gives a late answer a moment; the next one fails the job.
+    first = sweep(current())
+    assert job.id not in first.unknown + first.released
+    assert any("waiting" in (e.message or "") for e in get_job(job.id).events)
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
+        )
+    assert job.id in sweep(current()).unknown
+
+    done = get_job(job.id)
+    assert done.status == "failed"
+    assert done.error_code == "submit_outcome_unknown"
+    assert sandbox.state.stats()["creates"]["piclaza"] == 0
