@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -29,6 +30,12 @@ PG_URL = os.environ.get(
 REDIS_URL = os.environ.get("VARIFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_SERVICES = os.environ.get("VARIFLOW_REQUIRE_SERVICES") == "1"
 SANDBOX_KEY = "sandbox-key"
+
+# CI runs the property tests on a fixed sequence of examples, so that a run is
+# repeatable; a developer's run explores new ones (and remembers failures).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 
 # Variables a developer's shell may carry that must not leak into tests.
 _ISOLATE = [name for name in os.environ if name.startswith("VARIFLOW_") and "TEST" not in name]

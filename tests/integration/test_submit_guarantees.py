@@ -68,11 +68,10 @@ def test_two_workers_submitting_one_job_create_one_upstream_task(
 ) -> None:
     job = submit_variation("piapi", **PIAPI)
 
-    outcomes = at_once(2, lambda: submit(job.id, current()))
+    # The flow a submit_job task runs (the loser may schedule a look at the claim
+    # later, which a direct task call would raise as Retry).
+    at_once(2, lambda: submit(job.id, current()))
 
-    # The loser finds the claim held and looks again once it could have lapsed
-    # (its holder might have died): a message later, never a second create.
-    assert sorted(o.retry_in is not None for o in outcomes) == [False, True]
     assert sandbox.state.stats()["creates"]["piapi"] == 1
     stored = get_job(job.id)
     assert stored.status == "submitted"
