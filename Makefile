@@ -27,6 +27,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py
 	$(BIN)/python bench/poll_sweep.py
+	$(BIN)/python bench/job_cost.py
 
 # The fault run (not part of `make test`): its own PostgreSQL and Redis, several minutes.
 chaos: $(STAMP)

@@ -1,0 +1,213 @@
+"""What one job costs: SQL statements, commits, broker messages and HTTP requests.
+
+    python bench/job_cost.py            # one job per provider (Piclaza: a batch of 50)
+
+Counted, not guessed: SQLAlchemy's engine events (every cursor execute, every
+COMMIT, every connection checkout — each one a ``pool_pre_ping`` round trip
+while that is on), Celery's ``before_task_publish`` signal (messages), and the
+sandbox's own request counters (HTTP). Everything runs in this process against
+real servers: a throwaway PostgreSQL database, Redis as the broker (a queue of
+its own, deleted at the end), the sandbox, and the web app (for PiAPI's
+webhooks) on a real socket. The code paths are the ones the Celery tasks run
+(the submit, polling and finalize flows), called directly so that every
+statement of the job is seen by one engine; result archiving is off.
+
+Prints one line per provider:
+
+    cost <provider>: statements=<n> commits=<n> messages=<n> http=<n> checkouts=<n>
+
+The goals of issue 9 (per job): PiAPI <= 10 statements and <= 6 commits,
+Piclaza <= 10 / 6 (amortised over a batch of 50), LemonData <= 8 / 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from _db import create_database, drop_database
+from celery.signals import before_task_publish
+from PIL import Image
+from sqlalchemy import event
+from werkzeug.serving import make_server
+
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
+from webhooks import create_app
+from worker import runtime as runtimes
+from worker.api import get_job, submit_variation
+from worker.celery_app import app as celery
+from worker.celery_app import build_runtime, reconfigure
+from worker.config import load_settings
+from worker.devstack import free_port, sandbox_env
+from worker.finalize import finalize
+from worker.migrate import upgrade
+from worker.polling import lease_due, poll_jobs
+from worker.runtime import Runtime
+from worker.submit import submit
+
+ADMIN_URL = os.environ.get(
+    "VARIFLOW_BENCH_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("VARIFLOW_BENCH_BROKER_URL", "redis://127.0.0.1:6379/0")
+GOALS = {"piapi": (10, 6), "piclaza": (10, 6), "lemondata": (8, 4)}
+
+
+@dataclass
+class Tally:
+    statements: int = 0
+    commits: int = 0
+    checkouts: int = 0
+    messages: int = 0
+
+    def reset(self) -> None:
+        self.statements = self.commits = self.checkouts = self.messages = 0
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 90, 160)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def count(rt: Runtime, tally: Tally) -> None:
+    lock = threading.Lock()
+
+    def statement(*_: Any) -> None:
+        with lock:
+            tally.statements += 1
+
+    def commit(*_: Any) -> None:
+        with lock:
+            tally.commits += 1
+
+    def checkout(*_: Any) -> None:
+        with lock:
+            tally.checkouts += 1
+
+    def message(**_: Any) -> None:
+        with lock:
+            tally.messages += 1
+
+    event.listen(rt.db.engine, "before_cursor_execute", statement)
+    event.listen(rt.db.engine, "commit", commit)
+    event.listen(rt.db.engine.pool, "checkout", checkout)
+    before_task_publish.connect(message, weak=False)
+
+
+def http_requests(sandbox: SandboxServer) -> int:
+    total: int = sandbox.state.stats()["requests"]["total"]
+    return total
+
+
+def run_jobs(
+    rt: Runtime, provider: str, n: int, make: Callable[[int], Any], sandbox: SandboxServer
+) -> list[uuid.UUID]:
+    """Submit ``n`` jobs, run them to the end the way the tasks would, then finalize them."""
+    ids = [make(i).id for i in range(n)]
+    for job_id in ids:
+        submit(job_id, rt)
+    deadline = time.monotonic() + 120
+    while not all(get_job(i, runtime=rt).is_terminal for i in ids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{provider}: jobs not terminal after 120 s")
+        for batch in lease_due(rt):  # only polled providers' jobs come due quickly
+            poll_jobs(batch.provider, batch.job_ids, rt)
+        time.sleep(0.1)
+    for job_id in ids:
+        finalize(job_id, rt, lambda *_: None, retries=0)
+    return ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--piclaza-batch", type=int, default=50)
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    name = f"variflow_cost_{os.getpid()}"
+    url = create_database(ADMIN_URL, name).render_as_string(hide_password=False)
+    queue = f"variflow_cost_{os.getpid()}"
+    sandbox = SandboxServer(config=SandboxConfig(pending_seconds=0.05, processing_seconds=0.1))
+    sandbox.start()
+    web_port = free_port()
+    os.environ.update(
+        {
+            "VARIFLOW_HOME": tempfile.mkdtemp(prefix="variflow-cost-"),
+            "VARIFLOW_DATABASE_URL": url,
+            "VARIFLOW_BROKER_URL": REDIS_URL,
+            "VARIFLOW_QUEUE": queue,
+            "VARIFLOW_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
+            "VARIFLOW_RESULT_STORE": "off",
+            "VARIFLOW_POLL_BACKOFF_START": "0.1",
+            "VARIFLOW_PIAPI_WEBHOOK_GRACE": "60",
+            "VARIFLOW_LOG_LEVEL": "WARNING",
+            **sandbox_env(sandbox.url),
+        }
+    )
+    server = None
+    try:
+        upgrade(url)
+        settings = load_settings()
+        rt = runtimes.install(build_runtime(settings))
+        reconfigure(settings)
+        server = make_server("127.0.0.1", web_port, create_app(runtime=rt), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        tally = Tally()
+        count(rt, tally)
+        image = png()
+        makers: dict[str, tuple[int, Callable[[int], Any]]] = {
+            "piapi": (
+                1,
+                lambda i: submit_variation(
+                    "piapi", runtime=rt, origin_task_id=f"o-{i}", index="1", prompt="cost"
+                ),
+            ),
+            "piclaza": (
+                args.piclaza_batch,
+                lambda i: submit_variation("piclaza", runtime=rt, image=image),
+            ),
+            "lemondata": (
+                1,
+                lambda i: submit_variation(
+                    "lemondata", runtime=rt, image=image, n=1, size="256x256"
+                ),
+            ),
+        }
+        load = os.getloadavg()
+        print(f"job cost on PostgreSQL + Redis; load average {load[0]:.2f} {load[1]:.2f}")
+        for provider, (n, make) in makers.items():
+            tally.reset()
+            before = http_requests(sandbox)
+            run_jobs(rt, provider, n, make, sandbox)
+            # PiAPI's last webhook may still be answering: let the web thread finish.
+            time.sleep(0.2)
+            http = http_requests(sandbox) - before
+            goal_statements, goal_commits = GOALS[provider]
+            print(
+                f"cost {provider}: statements={tally.statements / n:.1f} "
+                f"commits={tally.commits / n:.1f} messages={tally.messages / n:.1f} "
+                f"http={http / n:.1f} checkouts={tally.checkouts / n:.1f}"
+                f"  (per job{f', a batch of {n}' if n > 1 else ''}; "
+                f"goal <= {goal_statements} statements, <= {goal_commits} commits)"
+            )
+    finally:
+        if server is not None:
+            server.shutdown()
+        runtimes.uninstall()
+        sandbox.stop()
+        with celery.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        drop_database(ADMIN_URL, name)
+
+
+if __name__ == "__main__":
+    main()
