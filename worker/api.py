@@ -201,7 +201,7 @@ def submit_variation(
     )
     try:
         with rt.session() as session:
-            job = jobs.create_job(
+            job, accepted = jobs.create_job(
                 session,
                 provider=provider,
                 params=clean,
@@ -222,7 +222,8 @@ def submit_variation(
         return existing
 
     send_submit(job.id, provider)
-    return get_job(job.id, runtime=rt)
+    # What was just written, as written: no read-back.
+    return JobInfo.from_row(job, [accepted])
 
 
 def get_job(job_id: uuid.UUID | str, *, runtime: Runtime | None = None) -> JobInfo:

@@ -200,19 +200,19 @@ def _add_event(
     to_status: JobStatus,
     message: str | None,
     payload: dict[str, Any] | None = None,
-) -> None:
-    session.add(
-        JobEvent(
-            job_id=job_id,
-            at=at,
-            source=source.value,
-            kind=kind.value,
-            from_status=from_status.value if from_status else None,
-            to_status=to_status.value,
-            message=message,
-            payload=payload,
-        )
+) -> JobEvent:
+    added = JobEvent(
+        job_id=job_id,
+        at=at,
+        source=source.value,
+        kind=kind.value,
+        from_status=from_status.value if from_status else None,
+        to_status=to_status.value,
+        message=message,
+        payload=payload,
     )
+    session.add(added)
+    return added
 
 
 def note(session: Session, job_id: uuid.UUID, source: Source, message: str) -> None:
@@ -243,8 +243,11 @@ def create_job(
     on_complete_task: str | None = None,
     image: NewInput | None = None,
     now: datetime | None = None,
-) -> Job:
-    """A queued job, its input image and its first event (the caller commits)."""
+) -> tuple[Job, JobEvent]:
+    """A queued job, its input image and its first event (the caller commits).
+
+    Returns the job and that event as written, so the caller needs no read-back.
+    """
     now = now or utcnow()
     job = Job(
         id=uuid.uuid4(),
@@ -268,10 +271,10 @@ def create_job(
                 content_type=image.content_type,
             )
         )
-    _add_event(
+    accepted = _add_event(
         session, job.id, now, Source.API, EventKind.TRANSITION, None, JobStatus.QUEUED, "accepted"
     )
-    return job
+    return job, accepted
 
 
 def cancel(session: Session, job: Job, reason: str) -> Transition:
