@@ -283,7 +283,7 @@ class Workload:
 
 
 def _task_data(job: BenchJob, status: str) -> dict[str, Any]:
-    """The `data` object of a PiAPI webhook (providers.md §1), as the real one looks."""
+    """The `data` object of a PiAPI webhook (docs/providers.md, PiAPI), as the real one looks."""
     done = status == "completed"
     base = f"https://img.theapi.app/mj/{job.task_id}"
     images = [f"{base}/{n}.png" for n in range(4)] if done else None

@@ -1,6 +1,6 @@
 """A faithful local emulator of the three provider APIs, with fault injection.
 
-See shared/providers.md for the contract it follows; module docstrings of
+See docs/providers.md for the contract it follows; module docstrings of
 piapi.py, piclaza.py and lemondata.py state the choices made where it is silent.
 """
 

@@ -1,4 +1,4 @@
-"""Error answers in each provider's own shape (see shared/providers.md)."""
+"""Error answers in each provider's own shape (see docs/providers.md)."""
 
 from __future__ import annotations
 

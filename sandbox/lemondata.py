@@ -1,4 +1,4 @@
-"""LemonData OpenAI-compatible image variations (shared/providers.md §3), under ``/lemondata``.
+"""LemonData OpenAI-compatible image variations (see docs/providers.md), under ``/lemondata``.
 
 Choices where the contract is silent:
 

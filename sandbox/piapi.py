@@ -1,4 +1,4 @@
-"""PiAPI Midjourney variation endpoints (shared/providers.md §1), under ``/piapi``.
+"""PiAPI Midjourney variation endpoints (docs/providers.md, PiAPI), under ``/piapi``.
 
 Choices where the contract is silent:
 

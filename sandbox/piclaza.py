@@ -1,4 +1,4 @@
-"""Piclaza image-variation endpoints (shared/providers.md §2), under ``/piclaza``.
+"""Piclaza image-variation endpoints (docs/providers.md, Piclaza), under ``/piclaza``.
 
 Choices where the contract is silent:
 

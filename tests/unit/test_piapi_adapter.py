@@ -1,4 +1,4 @@
-"""The PiAPI adapter against httpx.MockTransport, with the payload shapes of providers.md §1."""
+"""The PiAPI adapter against httpx.MockTransport, with the payload shapes of docs/providers.md."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class Upstream:
 
 
 def envelope_data(status: str = "pending", task_id: str = "t-1", **output: Any) -> dict[str, Any]:
-    """The unified task envelope's ``data``, as documented (providers.md §1)."""
+    """The unified task envelope's ``data``, as documented (docs/providers.md, PiAPI)."""
     return {
         "task_id": task_id,
         "model": "midjourney",

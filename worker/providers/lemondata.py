@@ -1,4 +1,4 @@
-"""LemonData's OpenAI-compatible image variations (providers.md §3): sync or poll."""
+"""LemonData's OpenAI-compatible image variations (docs/providers.md, LemonData): sync or poll."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class LemonDataProvider:
         return clean
 
     def check_image(self, image: InputImage) -> None:
-        """The file rules of providers.md §3: a square PNG within the size limit that
+        """The file rules of docs/providers.md, LemonData: a square PNG within the size limit that
         decodes (its pixel size read from the header and capped first: worker.validation)."""
         if len(image.content) > self._max_image_bytes:
             raise InvalidInput(

@@ -1,4 +1,4 @@
-"""PiAPI Midjourney variation (providers.md §1): create with a per-job webhook, get, cancel."""
+"""PiAPI Midjourney variation (docs/providers.md): create with a per-job webhook, get, cancel."""
 
 from __future__ import annotations
 

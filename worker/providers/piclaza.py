@@ -1,7 +1,7 @@
-"""Piclaza image variation (providers.md §2): create, then batched polling; no webhook.
+"""Piclaza image variation (docs/providers.md, Piclaza): create, then batched polling; no webhook.
 
 Where Piclaza's documentation is silent (status words, where result URLs
-are), this parses tolerantly exactly as providers.md §2 chooses.
+are), this parses tolerantly exactly as docs/providers.md, Piclaza chooses.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class PiclazaProvider:
         elif image is not None:
             read_image("image", image.content, IMAGE_FORMATS)
         if "image_name" in params:
-            # Accepted and checked, but the file's own name is what is sent (providers.md §2).
+            # Accepted and checked, but the file's own name is what is sent (docs/providers.md).
             required_text("image_name", params["image_name"], max_chars=MAX_NAME_CHARS)
         if "grouping" in params:
             if not isinstance(params["grouping"], bool):
