@@ -71,8 +71,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Room for the longest provider call (claims are kept alive by a
         # heartbeat meanwhile); a hung call is interrupted after that, and its
         # outcome treated as unknown.
-        "task_soft_time_limit": settings.longest_call + 60,
-        "task_time_limit": settings.longest_call + 90,
+        # Room for fetching the input (30 s), the longest call and a minute of
+        # retrying the write of its answer (worker/submit.py), with a margin.
+        "task_soft_time_limit": settings.longest_call + 150,
+        "task_time_limit": settings.longest_call + 180,
         "worker_hijack_root_logger": False,
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
         # Celery's own scheduler, which first makes the schedule file's folder.

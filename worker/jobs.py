@@ -49,6 +49,9 @@ NOT_TERMINAL = [s.value for s in JobStatus if not s.is_terminal]
 # A message that arrives a moment before its retry is due still counts.
 RETRY_TOLERANCE = timedelta(seconds=1)
 NOT_RESENT = "the provider may have created the task, so it was not sent again (no double charge)"
+# The claim token of a lapsed claim whose create was sent, while the sweep waits for
+# its answer (its holder may still be alive and take it back, see renew_claim).
+LAPSED = "lapsed"
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -340,20 +343,32 @@ def claim_for_submit(
 
 
 def renew_claim(session: Session, job_id: uuid.UUID, token: str, ttl: float, now: datetime) -> bool:
-    """The claim's holder is alive: push its expiry ``ttl`` ahead (never shorten it)."""
+    """The claim's holder is alive: push its expiry ``ttl`` ahead (never shorten it).
+
+    A claim the sweep marked lapsed (the holder could not renew while the
+    database was away) is the holder's again: it is alive after all.
+    """
     until = now + timedelta(seconds=ttl)
     renewed = session.execute(
         update(Job)
         .where(
             Job.id == job_id,
-            Job.claim_token == token,
+            Job.claim_token.in_((token, LAPSED)),
             Job.status == JobStatus.QUEUED.value,
-            Job.claimed_until < until,
+            or_(Job.claim_token == token, Job.create_started_at.is_not(None)),
+            or_(Job.claimed_until < until, Job.claim_token == LAPSED),
         )
-        .values(claimed_until=until)
+        .values(claimed_until=until, claim_token=token)
         .execution_options(synchronize_session=False)
     )
     return bool(renewed.rowcount)  # type: ignore[attr-defined]
+
+
+def _holds(job: Job, token: str) -> bool:
+    """The claim is ``token``'s, or was, and the sweep has only marked it lapsed."""
+    return job.claim_token == token or (
+        job.claim_token == LAPSED and job.create_started_at is not None
+    )
 
 
 def claim_expiry(session: Session, job_id: uuid.UUID) -> datetime | None:
@@ -373,7 +388,8 @@ def mark_create_started(session: Session, job_id: uuid.UUID, token: str, now: da
     """Note, before the create call, that one may be in flight (the sweep reads it)."""
     marked = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.claim_token == token)
+        # Once per claim, and never twice for a job: a create sent is never sent again.
+        .where(Job.id == job_id, Job.claim_token == token, Job.create_started_at.is_(None))
         .values(create_started_at=now)
         .execution_options(synchronize_session=False)
     )
@@ -388,7 +404,7 @@ def release_for_retry(
     False when the claim was lost meanwhile (whoever holds it now decides).
     """
     job = lock_job(session, job_id)
-    if job is None or job.claim_token != token:
+    if job is None or not _holds(job, token):
         return False
     job.claim_token = None
     job.claimed_until = None
@@ -404,8 +420,9 @@ def hold_for_webhook(
     """A create's outcome is unknown: keep the claim (and its webhook secret) for ``wait``
     seconds so the task's own webhook can still be adopted; the sweep fails it after."""
     job = lock_job(session, job_id)
-    if job is None or job.claim_token != token:
+    if job is None or not _holds(job, token):
         return False
+    job.claim_token = token
     job.claimed_until = now + timedelta(seconds=wait)
     record_event(session, job, Source.SUBMIT, message)
     return True
@@ -617,10 +634,6 @@ def fail_overdue(session: Session, now: datetime, limit: int, skip_locked: bool)
 class ExpiredClaims:
     released: dict[uuid.UUID, str]  # job id -> provider: submit again
     unknown: list[uuid.UUID]  # failed: a create may have happened
-
-
-# A lapsed claim whose create was sent is given this long for its answer to arrive.
-LAPSED = "lapsed"  # the claim token while it waits
 
 
 def settle_expired_claims(

@@ -333,18 +333,35 @@ def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOut
             lambda: _record(claim.job_id, claim.provider, submission, runtime),
             RECORD_IN_WORKER_FOR,
         )
-    except Exception as exc:
-        if not is_unavailable(exc):
-            raise
-        log.error(
-            "job %s: the database did not take the provider's answer for %.0fs (%s); "
-            "carrying it in the retry message",
-            claim.job_id,
-            RECORD_IN_WORKER_FOR,
-            type(exc).__name__,
-            extra={"job_id": str(claim.job_id), "provider": claim.provider},
-        )
+    except SoftTimeLimitExceeded:
+        # Out of time while writing: the answer leaves with the retry message.
+        log.error("job %s: out of time writing the provider's answer; carrying it", claim.job_id)
         return _carry(claim.provider, submission, answered_at)
+    except Exception as exc:
+        if is_unavailable(exc):
+            log.error(
+                "job %s: the database did not take the provider's answer for %.0fs (%s); "
+                "carrying it in the retry message",
+                claim.job_id,
+                RECORD_IN_WORKER_FOR,
+                type(exc).__name__,
+                extra={"job_id": str(claim.job_id), "provider": claim.provider},
+            )
+            return _carry(claim.provider, submission, answered_at)
+        # The database refused the answer itself (a value it cannot store): the
+        # job ends failed with a message naming the task, rather than staying
+        # queued until the sweep calls its outcome unknown.
+        log.exception("job %s: the provider's answer could not be stored", claim.job_id)
+        task = submission.state.upstream_task_id
+        refused = _failure(
+            ErrorCode.UPSTREAM_ERROR,
+            f"the provider's answer could not be stored ({type(exc).__name__})"
+            + (f"; its task id begins {task[:64]!r}" if task else ""),
+        )
+        return _write(
+            lambda: _record(claim.job_id, claim.provider, refused, runtime),
+            RECORD_IN_WORKER_FOR,
+        )
 
 
 def _record(

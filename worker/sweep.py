@@ -23,9 +23,6 @@ log = logging.getLogger(__name__)
 OUTCOME_UNKNOWN = ErrorCode.SUBMIT_OUTCOME_UNKNOWN.value
 TIMEOUT = ErrorCode.TIMEOUT.value
 SWEEP_LIMIT = 500
-# A worker holding a create's answer it could not write retries every few seconds
-# (worker/submit.py RECORD_BACKOFF): this is ample once the database is back.
-ANSWER_GRACE = timedelta(seconds=10)  # twice the longest spacing of its retries
 
 __all__ = ["NOT_RESENT", "OUTCOME_UNKNOWN", "TIMEOUT", "SweepReport", "sweep"]
 
@@ -59,7 +56,10 @@ def sweep(runtime: Runtime) -> SweepReport:
             now,
             SWEEP_LIMIT,
             skip_locked,
-            answer_grace=ANSWER_GRACE,
+            # One more claim lifetime: a holder that is alive renews its claim (or
+            # writes the answer it holds) within a third of it once the database
+            # is back; only a dead one's job is failed.
+            answer_grace=timedelta(seconds=settings.submit_claim_ttl),
         )
         report.unknown = expired.unknown
         report.released = list(expired.released)

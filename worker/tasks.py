@@ -44,7 +44,10 @@ def submit_job(
         uuid.UUID(job_id), worker_runtime(), carried=carried, held_retries=self.request.retries
     )
     if outcome.orphan:
-        queue.send_cancel_upstream(uuid.UUID(job_id), provider, outcome.orphan)
+        try:
+            queue.send_cancel_upstream(uuid.UUID(job_id), provider, outcome.orphan)
+        except Exception:  # the job's own answer is written; this is best effort
+            log.exception("job %s: could not send the cancel of task %s", job_id, outcome.orphan)
     if outcome.retry_in is not None:
         kwargs = {"provider": provider, "carried": outcome.carry}
         raise self.retry(countdown=outcome.retry_in, kwargs=kwargs)

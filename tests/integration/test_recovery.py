@@ -28,6 +28,7 @@ from worker.migrate import upgrade
 from worker.models import Job, utcnow
 from worker.polling import lease_due, poll_jobs
 from worker.runtime import current, session_scope
+from worker.status import JobStatus, Source, UpstreamState
 from worker.submit import SubmitOutcome, submit
 from worker.sweep import sweep
 
@@ -239,3 +240,47 @@ def test_a_create_sent_by_a_worker_that_died_is_never_sent_again(
     assert done.status == "failed"
     assert done.error_code == "submit_outcome_unknown"
     assert sandbox.state.stats()["creates"]["piclaza"] == 0
+
+
+def test_a_holder_that_is_alive_takes_its_lapsed_claim_back(
+    pg_url: str, sandbox: SandboxServer, configure: Configure
+) -> None:
+    # The database was away longer than the claim's life: the sweep marks the claim
+    # lapsed, and the holder's next heartbeat shows it is alive after all.
+    configure(submit_claim_ttl=3)
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    claim = worker.submit.claim_for_submit(job.id, current())
+    assert claim is not None
+    with session_scope() as session:
+        assert jobs.mark_create_started(session, job.id, claim.token, utcnow())
+        session.execute(
+            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
+        )
+    assert job.id not in sweep(current()).unknown  # marked lapsed, not failed
+
+    with session_scope() as session:
+        assert jobs.renew_claim(session, job.id, claim.token, 3, utcnow())
+        # ... and a create is still never marked twice, by anyone.
+        assert not jobs.mark_create_started(session, job.id, claim.token, utcnow())
+    assert job.id not in sweep(current()).unknown + sweep(current()).released
+    assert _claimed_until(job.id) is not None
+
+
+def test_an_answer_the_database_refuses_fails_the_job_naming_the_task(
+    pg_url: str, sandbox: SandboxServer
+) -> None:
+    job = submit_variation("piclaza", image=png_bytes(32, 32))
+    claim = worker.submit.claim_for_submit(job.id, current())
+    assert claim is not None
+    too_long = "t" * 300  # longer than the upstream_task_id column
+    answer = worker.submit.Submission(
+        UpstreamState(JobStatus.SUBMITTED, Source.SUBMIT, upstream_task_id=too_long)
+    )
+
+    worker.submit._finish(claim, answer, current())
+
+    done = get_job(job.id)
+    assert done.status == "failed"
+    assert done.error_code == "upstream_error"
+    assert "could not be stored" in (done.error_message or "")
+    assert "tttt" in (done.error_message or "")
