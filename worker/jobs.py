@@ -282,16 +282,21 @@ def create_job(
 
 def cancel(session: Session, job: Job, reason: str) -> Transition:
     """The application cancelled the job (a terminal job is left as it is)."""
-    return apply_update(
-        session,
-        job,
-        UpstreamState(
-            JobStatus.CANCELLED,
-            Source.CANCEL,
-            error_code=ErrorCode.CANCELLED,
-            error_message=reason,
-        ),
-    )
+    return _end(session, job, JobStatus.CANCELLED, Source.CANCEL, ErrorCode.CANCELLED, reason)
+
+
+def _end(
+    session: Session,
+    job: Job,
+    status: JobStatus,
+    source: Source,
+    code: ErrorCode,
+    message: str,
+    now: datetime | None = None,
+) -> Transition:
+    """End a job as failed or cancelled by variflow itself (through the transition)."""
+    update = UpstreamState(status, source, error_code=code, error_message=message)
+    return apply_update(session, job, update, now)
 
 
 # --- submitting --------------------------------------------------------------------------
@@ -464,8 +469,8 @@ def accept_webhook(
     """
     now = now or utcnow()
     task_id = state.upstream_task_id
-    if not task_id or "upstream_task_id" not in transition(job, state, now).changes:
-        return _accept_webhook(session, job, state, plan, now)
+    if not task_id or job.upstream_task_id or job.is_terminal:
+        return _accept_webhook(session, job, state, plan, now)  # no task id to adopt
     if task_owner(session, job.provider, task_id) not in (None, job.id):
         raise TaskIdTaken(task_id)
     try:
@@ -615,17 +620,8 @@ def fail_overdue(session: Session, now: datetime, limit: int, skip_locked: bool)
     failed = []
     overdue = select(Job).where(Job.status.in_(NOT_TERMINAL), Job.deadline < now)
     for job in session.scalars(overdue.limit(limit).with_for_update(skip_locked=skip_locked)):
-        apply_update(
-            session,
-            job,
-            UpstreamState(
-                JobStatus.FAILED,
-                Source.SWEEP,
-                error_code=ErrorCode.TIMEOUT,
-                error_message=f"not finished by its deadline {job.deadline.isoformat()}",
-            ),
-            now,
-        )
+        message = f"not finished by its deadline {job.deadline.isoformat()}"
+        _end(session, job, JobStatus.FAILED, Source.SWEEP, ErrorCode.TIMEOUT, message, now)
         failed.append(job.id)
     return failed
 
@@ -666,17 +662,9 @@ def settle_expired_claims(
                     f"{answer_grace.total_seconds():g}s for its answer",
                 )
                 continue
-            apply_update(
-                session,
-                job,
-                UpstreamState(
-                    JobStatus.FAILED,
-                    Source.SWEEP,
-                    error_code=ErrorCode.SUBMIT_OUTCOME_UNKNOWN,
-                    error_message=f"the create call's outcome is unknown; {NOT_RESENT}",
-                ),
-                now,
-            )
+            message = f"the create call's outcome is unknown; {NOT_RESENT}"
+            code = ErrorCode.SUBMIT_OUTCOME_UNKNOWN
+            _end(session, job, JobStatus.FAILED, Source.SWEEP, code, message, now)
             settled.unknown.append(job.id)
             continue
         job.claim_token = None

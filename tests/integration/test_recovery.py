@@ -20,6 +20,7 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from sandbox.testing import png_bytes, wait_until
 from tests.conftest import Configure, unavailable
+from tests.integration.test_submit_guarantees import expire_claim
 from worker import jobs
 from worker.api import get_job, submit_variation
 from worker.devservers import PostgresServer
@@ -220,9 +221,7 @@ def test_a_create_sent_by_a_worker_that_died_is_never_sent_again(
     assert claim is not None
     with session_scope() as session:  # the create was sent ... and the worker died
         assert jobs.mark_create_started(session, job.id, claim.token, utcnow())
-        session.execute(
-            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
-        )
+    expire_claim(job.id)
 
     # The redelivered message neither creates again nor waits for the claim.
     assert submit(job.id, current()) == worker.submit.NOTHING_TO_DO
@@ -230,10 +229,7 @@ def test_a_create_sent_by_a_worker_that_died_is_never_sent_again(
     first = sweep(current())
     assert job.id not in first.unknown + first.released
     assert any("waiting" in (e.message or "") for e in get_job(job.id).events)
-    with session_scope() as session:
-        session.execute(
-            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
-        )
+    expire_claim(job.id)
     assert job.id in sweep(current()).unknown
 
     done = get_job(job.id)
@@ -253,9 +249,7 @@ def test_a_holder_that_is_alive_takes_its_lapsed_claim_back(
     assert claim is not None
     with session_scope() as session:
         assert jobs.mark_create_started(session, job.id, claim.token, utcnow())
-        session.execute(
-            update(Job).where(Job.id == job.id).values(claimed_until=utcnow() - timedelta(1))
-        )
+    expire_claim(job.id)
     assert job.id not in sweep(current()).unknown  # marked lapsed, not failed
 
     with session_scope() as session:

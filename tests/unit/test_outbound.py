@@ -24,6 +24,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select
 
 from worker import outbound
@@ -468,11 +472,6 @@ def test_a_checked_address_that_refuses_the_connection_gives_way_to_the_next(
 
 def _certificates(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for outbound.test only: (ca, cert, key)."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     now = dt.datetime.now(dt.UTC)
 
     def name(common: str) -> Any:

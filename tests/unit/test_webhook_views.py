@@ -14,6 +14,7 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
+from tests import webhook_support as support
 from webhooks import MAX_BODY_BYTES, create_app
 from worker.config import get_settings
 from worker.models import Job, JobEvent, utcnow
@@ -49,26 +50,8 @@ def client(make_client: MakeClient) -> FlaskClient:
 
 
 def insert_job(**fields: Any) -> uuid.UUID:
-    now = utcnow()
-    values: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "provider": "piapi",
-        "status": "submitted",
-        "params": {"origin_task_id": "o-1", "index": "1", "prompt": "a cat"},
-        "upstream_task_id": "t-1",
-        "webhook_secret_hash": hash_secret(SECRET),
-        "deadline": now + timedelta(hours=1),
-        "created_at": now,
-        "updated_at": now,
-        "submitted_at": now,
-        "next_poll_at": now + timedelta(minutes=2),
-        "progress": 0,
-    }
-    values.update(fields)
-    with session_scope() as session:
-        session.add(Job(**values))
-    job_id: uuid.UUID = values["id"]
-    return job_id
+    """A submitted PiAPI job following task t-1, with this module's secret."""
+    return support.insert_job(**{"webhook_secret_hash": hash_secret(SECRET), **fields})
 
 
 def snapshot(job_id: uuid.UUID) -> tuple[dict[str, Any], int]:
