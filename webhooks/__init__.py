@@ -8,9 +8,12 @@ blueprint per concern. The blueprints reach the runtime through
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from flask import Flask
+from flask import Flask, jsonify, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import DBAPIError
 
 from webhooks.context import EXTENSION_KEY
 from webhooks.dashboard import bp as dashboard_bp
@@ -22,6 +25,7 @@ from webhooks.results import bp as results_bp
 from worker import runtime as runtimes
 from worker.celery_app import build_runtime
 from worker.config import Settings, get_settings
+from worker.db import is_unavailable
 from worker.logs import configure_logging
 from worker.runtime import Runtime
 
@@ -50,7 +54,22 @@ def create_app(
     app.register_blueprint(receiver_bp)
     app.register_blueprint(results_bp)
     app.register_blueprint(dashboard_bp)
+    app.register_error_handler(DBAPIError, _database_error)
     return app
+
+
+def _database_error(exc: DBAPIError) -> ResponseReturnValue:
+    """The database is restarting or a pooled connection was dropped (there is no
+    ping per checkout): 503 with Retry-After, so a provider delivers again."""
+    if not is_unavailable(exc):
+        raise exc  # a statement the database refused: a bug, a 500 with its traceback logged
+    logging.getLogger(__name__).warning(
+        "%s %s: database unavailable (%s); answered 503",
+        request.method,
+        request.path,
+        type(getattr(exc, "orig", exc)).__name__,
+    )
+    return jsonify(error="database unavailable; try again"), 503, {"Retry-After": "1"}
 
 
 def _make_folders(settings: Settings) -> None:

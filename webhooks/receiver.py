@@ -92,7 +92,7 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
         return _error(404, "unknown provider")
     assert provider.webhook_secret_header is not None
     with runtime().session() as session:
-        job = jobs.lock_job(session, job_uuid)
+        job = jobs.lock_row(session, job_uuid)
         if job is None or job.provider != provider.name:
             return _error(404, "unknown job")
         if not secret_matches(

@@ -188,6 +188,8 @@ def send_application_task(name: str, args: list[str], kwargs: dict[str, str], qu
 
 def finalize_after_commit(job: TerminalJob) -> None:
     """A consumer of "a job ended": send finalize_job (the sweep re-sends it if this fails)."""
+    if job.finalized:
+        return  # nothing was left to do after the end
     try:
         send_finalize(job.job_id, job.provider)
     except Exception as exc:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.hooks import Consumer, install
+from worker.hooks import AFTER_THE_END_KEY, AfterTheEnd, Consumer, install
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -41,20 +41,32 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    # No pool_pre_ping: a ping is a round trip on every checkout. A connection the
+    # server dropped fails its first statement instead; SQLAlchemy then invalidates
+    # the whole pool, and the code that already retries database errors (the
+    # submit flow, Celery retries, the sweep, the provider's webhook retries)
+    # runs the unit of work again on a fresh connection.
+    return create_engine(url, pool_size=5, max_overflow=10)
 
 
 class Database:
     """One database of one process: its engine and the sessions made from it.
 
     Built by an entry point from the settings (worker.runtime); ``consumers``
-    are told about every job that reached a terminal status, after commit.
+    are told about every job that reached a terminal status, after commit;
+    ``after_the_end`` says which ended jobs need no finalize_job (worker.hooks).
     """
 
-    def __init__(self, url: str, consumers: Sequence[Consumer] = ()) -> None:
+    def __init__(
+        self,
+        url: str,
+        consumers: Sequence[Consumer] = (),
+        after_the_end: AfterTheEnd | None = None,
+    ) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self._factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        info = {AFTER_THE_END_KEY: after_the_end} if after_the_end is not None else {}
+        self._factory = sessionmaker(bind=self.engine, expire_on_commit=False, info=info)
         install(self._factory, consumers)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,10 +21,47 @@ from worker.status import TerminalJob
 log = logging.getLogger(__name__)
 
 PENDING_KEY = "variflow_terminal_jobs"
+AFTER_THE_END_KEY = "variflow_after_the_end"
 
 Consumer = Callable[[TerminalJob], None]
 
-__all__ = ["Consumer", "TerminalJob", "install", "note_terminal"]
+__all__ = ["AfterTheEnd", "Consumer", "TerminalJob", "after_the_end", "install", "note_terminal"]
+
+
+@dataclass(frozen=True)
+class AfterTheEnd:
+    """Whether a job that just ended leaves work for finalize_job.
+
+    Most jobs leave none (no archive, no notification, no on-complete task):
+    their end and ``finalized_at`` are then written in one statement and no
+    finalize_job message is sent at all. The transition's writer asks here.
+    """
+
+    archive_results: bool
+    default_on_complete_task: bool
+
+    def work_left(
+        self,
+        *,
+        status: str,
+        has_results: bool,
+        notify_url: str | None,
+        on_complete_task: str | None,
+        stop_upstream: bool,
+    ) -> bool:
+        return (
+            stop_upstream
+            or bool(notify_url)
+            or bool(on_complete_task)
+            or self.default_on_complete_task
+            or (self.archive_results and status == "completed" and has_results)
+        )
+
+
+def after_the_end(session: Session) -> AfterTheEnd | None:
+    """The policy of this session's process (None: every ended job is finalized by a task)."""
+    policy: AfterTheEnd | None = session.info.get(AFTER_THE_END_KEY)
+    return policy
 
 
 def note_terminal(session: Session, job: TerminalJob) -> None:

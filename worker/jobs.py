@@ -12,23 +12,38 @@ and never commits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import (
+    String,
+    Table,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from worker.backoff import Backoff
 from worker.config import Settings
 from worker.db import is_postgres
 from worker.errors import ErrorCode, VariflowError
-from worker.hooks import note_terminal
+from worker.hooks import after_the_end, note_terminal
 from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.states import (
     ACTIVE_UPSTREAM_STATUSES,
@@ -52,6 +67,11 @@ NOT_RESENT = "the provider may have created the task, so it was not sent again (
 # The claim token of a lapsed claim whose create was sent, while the sweep waits for
 # its answer (its holder may still be alive and take it back, see renew_claim).
 LAPSED = "lapsed"
+# The tables, for the hot paths' single statements (Core: no ORM unit of work).
+JOBS: Table = Job.__table__  # type: ignore[assignment]
+EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+INPUTS: Table = JobInput.__table__  # type: ignore[assignment]
+_LOCK_ROW = select(JOBS).where(JOBS.c.id == bindparam("job_id")).with_for_update()
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -67,13 +87,25 @@ def lock_job(session: Session, job_id: uuid.UUID) -> Job | None:
     ).one_or_none()
 
 
+def lock_row(session: Session, job_id: uuid.UUID) -> Job | None:
+    """The job's row, locked (PostgreSQL) until the transaction ends, as a detached copy.
+
+    Cheaper than :func:`lock_job` (no ORM load, no identity map): for the hot
+    paths, which write only through this module's statements (:func:`_write`);
+    changing its attributes writes nothing.
+    """
+    row = session.execute(_LOCK_ROW, {"job_id": job_id}).first()
+    return Job(**row._mapping) if row is not None else None
+
+
 def lock_by_task(session: Session, provider: str, upstream_task_id: str) -> Job | None:
-    """The job following a provider's task, locked."""
-    return session.scalars(
-        select(Job)
-        .where(Job.provider == provider, Job.upstream_task_id == upstream_task_id)
+    """The job following a provider's task, locked, as a detached copy (see :func:`lock_row`)."""
+    row = session.execute(
+        select(JOBS)
+        .where(JOBS.c.provider == provider, JOBS.c.upstream_task_id == upstream_task_id)
         .with_for_update()
-    ).one_or_none()
+    ).first()
+    return Job(**row._mapping) if row is not None else None
 
 
 # --- the next poll -----------------------------------------------------------------------
@@ -131,6 +163,9 @@ class PollPlan:
 
 # --- every status change -----------------------------------------------------------------
 
+# A caller's own columns, written with a transition: also(result, ends) -> columns.
+Also = Callable[[Transition, bool], Mapping[str, Any]]
+
 
 def apply_update(
     session: Session,
@@ -139,25 +174,47 @@ def apply_update(
     now: datetime | None = None,
     *,
     record_duplicates: bool = True,
+    also: Also | None = None,
 ) -> Transition:
-    """Apply ``update`` to a job the caller has locked; the caller commits."""
-    now = now or utcnow()
+    """Apply ``update`` to a job the caller has locked; the caller commits.
+
+    ``also(result, ends)`` adds the caller's own columns (the next poll) to the
+    same write; ``ends`` says whether the job is terminal after it.
+    """
+    result, _ = _apply(session, job, update, now or utcnow(), record_duplicates, also)
+    return result
+
+
+def _apply(
+    session: Session,
+    job: Job,
+    update: UpstreamState,
+    now: datetime,
+    record_duplicates: bool = True,
+    also: Also | None = None,
+    untouched: bool = False,
+) -> tuple[Transition, bool]:
+    """Decide, then write the columns and the event in one statement: the transition
+    and whether it was written. ``untouched``: only if the job is still queued with
+    no task (nothing else changed it since the caller read it)."""
     result = transition(job, update, now)
-    for column, value in result.changes.items():
-        setattr(job, column, value)
-    if result.became_terminal:
-        assert job.completed_at is not None
-        note_terminal(
-            session,
-            TerminalJob(
-                job.id, job.provider, job.status, job.created_at, job.submitted_at, job.completed_at
-            ),
-        )
-    if result.event is not None and (record_duplicates or not result.event.duplicate):
-        event = result.event
-        _add_event(
-            session,
-            job.id,
+    changes = dict(result.changes)
+    status = JobStatus(changes.get("status", job.status))
+    if also is not None:
+        changes.update(also(result, status.is_terminal))
+    finalized = result.became_terminal and _nothing_left(session, job, changes, status)
+    if finalized:
+        changes["finalized_at"] = now
+    event = result.event
+    if event is not None and event.duplicate and not record_duplicates:
+        event = None
+    if untouched and not changes:
+        return result, False
+    if changes:
+        changes.setdefault("updated_at", now)
+    row = None
+    if event is not None:
+        row = _event_row(
             now,
             event.source,
             event.kind,
@@ -166,6 +223,23 @@ def apply_update(
             event.message,
             dict(event.payload) if event.payload else None,
         )
+    if not _write(session, job, changes, row, untouched):
+        return result, False
+    if result.became_terminal:
+        assert job.completed_at is not None
+        note_terminal(
+            session,
+            TerminalJob(
+                job.id,
+                job.provider,
+                job.status,
+                job.created_at,
+                job.submitted_at,
+                job.completed_at,
+                finalized,
+            ),
+        )
+    if event is not None:
         log.info(
             "job %s %s %s: %s -> %s%s",
             job.id,
@@ -176,7 +250,106 @@ def apply_update(
             f" ({event.message})" if event.message else "",
             extra={"job_id": str(job.id), "provider": job.provider},
         )
-    return result
+    return result, True
+
+
+def _nothing_left(
+    session: Session, job: Job, changes: Mapping[str, Any], status: JobStatus
+) -> bool:
+    """The job ends now and leaves nothing for finalize_job to do (see worker.hooks)."""
+    policy = after_the_end(session)
+    if policy is None:
+        return False
+    task_id = changes.get("upstream_task_id", job.upstream_task_id)
+    error_code = changes.get("error_code", job.error_code)
+    return not policy.work_left(
+        status=status.value,
+        has_results=bool(changes.get("result_urls", job.result_urls)),
+        notify_url=job.notify_url,
+        on_complete_task=job.on_complete_task,
+        stop_upstream=bool(task_id)
+        and (status is JobStatus.CANCELLED or error_code == ErrorCode.TIMEOUT),
+    )
+
+
+def _event_row(
+    at: datetime,
+    source: Source,
+    kind: EventKind,
+    from_status: JobStatus | None,
+    to_status: JobStatus,
+    message: str | None,
+    payload: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "at": at,
+        "source": source.value,
+        "kind": kind.value,
+        "from_status": from_status.value if from_status else None,
+        "to_status": to_status.value,
+        "message": message,
+        "payload": payload,
+    }
+
+
+def _write(
+    session: Session,
+    job: Job,
+    changes: Mapping[str, Any],
+    event: Mapping[str, Any] | None,
+    untouched: bool = False,
+) -> bool:
+    """Write ``changes`` to the job's row (see :func:`_apply` for ``untouched``) and add
+    ``event``.
+
+    One statement on PostgreSQL (the event is inserted from the UPDATE's
+    RETURNING, so it exists only if the row was written); two on SQLite. The
+    loaded ``job`` is brought up to date without an ORM flush.
+    """
+    values: dict[str, Any] = {"job_id": job.id}
+    values.update({f"set_{name}": value for name, value in changes.items()})
+    if event is not None:
+        values.update({f"event_{name}": value for name, value in event.items()})
+    if not changes:
+        if event is not None:
+            session.execute(_INSERT_FIRST_EVENT, values)
+        return True
+    postgres = is_postgres(session)
+    change, add = _write_statements(tuple(changes), event is not None, untouched, postgres)
+    # RETURNING says whether the row was written (psycopg's rowcount of an
+    # INSERT fed by a data-modifying CTE is not reliable).
+    written = session.execute(change, values).first() is not None
+    if written and add is not None:
+        session.execute(add, values)
+    if not written:
+        return False
+    for column, value in changes.items():
+        set_committed_value(job, column, value)
+    return True
+
+
+@functools.lru_cache(maxsize=512)
+def _write_statements(
+    columns: tuple[str, ...], with_event: bool, untouched: bool, postgres: bool
+) -> tuple[Any, Any | None]:
+    """The statement(s) that write these columns (and an event), built once per shape:
+    values are bound at execution, so nothing is compiled per call."""
+    change = (
+        update(JOBS)
+        .where(JOBS.c.id == bindparam("job_id"))
+        .values({name: bindparam(f"set_{name}", type_=JOBS.c[name].type) for name in columns})
+    )
+    if untouched:
+        change = change.where(
+            JOBS.c.status == JobStatus.QUEUED.value, JOBS.c.upstream_task_id.is_(None)
+        )
+    if not with_event or not postgres:
+        return change.returning(JOBS.c.id), _INSERT_FIRST_EVENT if with_event else None
+    changed = change.returning(JOBS.c.id).cte("changed")
+    add = insert(EVENTS).from_select(
+        ["job_id", *_EVENT_VALUES], select(changed.c.id, *_EVENT_VALUES.values())
+    )
+    return add.returning(EVENTS.c.id), None
 
 
 def record_event(
@@ -228,6 +401,40 @@ def note(session: Session, job_id: uuid.UUID, source: Source, message: str) -> N
 # --- a new job ---------------------------------------------------------------------------
 
 
+def _params(table: Table, prefix: str, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """A bound parameter per column: statements built once, values given at execution."""
+    return {
+        c.key: bindparam(f"{prefix}_{c.key}", type_=c.type) for c in table.c if c.key not in skip
+    }
+
+
+_JOB_VALUES = _params(JOBS, "job")
+_EVENT_VALUES = _params(EVENTS, "event", skip=("id", "job_id"))
+_INPUT_VALUES = _params(INPUTS, "input", skip=("job_id",))
+_INSERT_JOB = insert(JOBS).values(_JOB_VALUES)
+_INSERT_INPUT = insert(INPUTS).values(job_id=bindparam("job_id"), **_INPUT_VALUES)
+_INSERT_FIRST_EVENT = (
+    insert(EVENTS).values(job_id=bindparam("job_id"), **_EVENT_VALUES).returning(EVENTS.c.id)
+)
+
+
+def _new_job_statement(with_input: bool) -> Any:
+    """PostgreSQL: the job, its input image and its first event in one statement."""
+    added = _INSERT_JOB.returning(JOBS.c.id).cte("added")
+    first = insert(EVENTS).from_select(
+        ["job_id", *_EVENT_VALUES], select(added.c.id, *_EVENT_VALUES.values())
+    )
+    if with_input:
+        kept = insert(INPUTS).from_select(
+            ["job_id", *_INPUT_VALUES], select(added.c.id, *_INPUT_VALUES.values())
+        )
+        first = first.add_cte(kept.cte("kept"))
+    return first.returning(EVENTS.c.id)
+
+
+_NEW_JOB = {False: _new_job_statement(False), True: _new_job_statement(True)}
+
+
 @dataclass(frozen=True)
 class NewInput:
     content: bytes
@@ -249,7 +456,8 @@ def create_job(
 ) -> tuple[Job, JobEvent]:
     """A queued job, its input image and its first event (the caller commits).
 
-    Returns the job and that event as written, so the caller needs no read-back.
+    One statement on PostgreSQL. Returns the job and that event as written, so
+    the caller needs no read-back (neither is attached to the session).
     """
     now = now or utcnow()
     job = Job(
@@ -258,26 +466,32 @@ def create_job(
         status=JobStatus.QUEUED.value,
         params=params,
         idempotency_key=idempotency_key,
+        progress=0,
+        submit_attempts=0,
+        poll_attempts=0,
         deadline=deadline,
         notify_url=notify_url,
         on_complete_task=on_complete_task,
         created_at=now,
         updated_at=now,
     )
-    session.add(job)
+    values = {f"job_{column.key}": getattr(job, column.key) for column in JOBS.c}
+    event = _event_row(now, Source.API, EventKind.TRANSITION, None, JobStatus.QUEUED, "accepted")
+    values.update({f"event_{name}": value for name, value in event.items()})
     if image is not None:
-        session.add(
-            JobInput(
-                job_id=job.id,
-                content=image.content,
-                filename=image.filename,
-                content_type=image.content_type,
-            )
+        values.update(
+            input_content=image.content,
+            input_filename=image.filename,
+            input_content_type=image.content_type,
         )
-    accepted = _add_event(
-        session, job.id, now, Source.API, EventKind.TRANSITION, None, JobStatus.QUEUED, "accepted"
-    )
-    return job, accepted
+    if is_postgres(session):
+        event_id = session.execute(_NEW_JOB[image is not None], values).scalar_one()
+    else:
+        session.execute(_INSERT_JOB, values)
+        if image is not None:
+            session.execute(_INSERT_INPUT, values)
+        event_id = session.execute(_INSERT_FIRST_EVENT, values).scalar_one()
+    return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
 def cancel(session: Session, job: Job, reason: str) -> Transition:
@@ -310,41 +524,114 @@ def claim_for_submit(
     secret_hash: str,
     ttl: float,
     now: datetime,
+    create_follows: Sequence[str] = (),
 ) -> tuple[Job, JobInput | None] | None:
     """Make the caller the job's only submitter, or None (not queued, claimed, or not due).
 
     One conditional UPDATE decides between concurrent workers (the database
     serialises it); the claim expires after ``ttl`` so a worker that dies
-    holding it does not strand the job.
+    holding it does not strand the job. For a job of a provider named in
+    ``create_follows`` (nothing to download before its create call), the claim
+    also marks the create as started (see :func:`mark_create_started`): one
+    write instead of two.
     """
-    claimed = session.execute(
-        update(Job)
+    values = {
+        "job_id": job_id,
+        "now": now,
+        "due": now + RETRY_TOLERANCE,
+        "until": now + timedelta(seconds=ttl),
+        "token": token,
+        "secret_hash": secret_hash,
+        "create_follows": list(create_follows),
+        "event_at": now,
+        "event_source": Source.SUBMIT.value,
+        "event_kind": EventKind.INFO.value,
+        "event_to_status": JobStatus.QUEUED.value,
+    }
+    row: Any
+    if is_postgres(session):
+        # One statement: the claim, its event, and the job with its input image.
+        row = session.execute(_CLAIM_WITH_EVENT, values).first()
+    else:
+        row = None
+        returned = session.execute(_claim_statement(), values).first()
+        if returned is not None:
+            attempt = returned.submit_attempts
+            message = f"claimed for submission (attempt {attempt})"
+            session.execute(
+                _INSERT_FIRST_EVENT,
+                values
+                | {"event_from_status": JobStatus.QUEUED.value, "event_message": message}
+                | {"event_payload": None},
+            )
+            stored = session.execute(
+                select(INPUTS.c.content, INPUTS.c.filename, INPUTS.c.content_type).where(
+                    INPUTS.c.job_id == job_id
+                )
+            ).first()
+            row = (*returned, *(stored or (None, None, None)))
+    if row is None:
+        return None
+    values = dict(zip([column.key for column in JOBS.c], row, strict=False))
+    content, filename, content_type = row[len(JOBS.c) :]
+    stored_input = (
+        JobInput(job_id=job_id, content=content, filename=filename, content_type=content_type)
+        if content is not None
+        else None
+    )
+    return Job(**values), stored_input
+
+
+def _claim_statement() -> Any:
+    """The claim: one conditional UPDATE ... RETURNING (values bound at execution)."""
+    now = bindparam("now", type_=JOBS.c.updated_at.type)
+    return (
+        update(JOBS)
         .where(
-            Job.id == job_id,
-            Job.status == JobStatus.QUEUED.value,
-            or_(Job.claimed_until.is_(None), Job.claimed_until < now),
-            or_(Job.retry_at.is_(None), Job.retry_at <= now + RETRY_TOLERANCE),
+            JOBS.c.id == bindparam("job_id"),
+            JOBS.c.status == JobStatus.QUEUED.value,
+            or_(JOBS.c.claimed_until.is_(None), JOBS.c.claimed_until < now),
+            or_(JOBS.c.retry_at.is_(None), JOBS.c.retry_at <= bindparam("due")),
             # A create may have been sent: never again (the sweep settles it).
-            Job.create_started_at.is_(None),
+            JOBS.c.create_started_at.is_(None),
         )
         .values(
-            claim_token=token,
-            claimed_until=now + timedelta(seconds=ttl),
-            submit_attempts=Job.submit_attempts + 1,
-            webhook_secret_hash=secret_hash,
+            claim_token=bindparam("token"),
+            claimed_until=bindparam("until"),
+            submit_attempts=JOBS.c.submit_attempts + 1,
+            webhook_secret_hash=bindparam("secret_hash"),
             retry_at=None,
+            create_started_at=case(
+                (JOBS.c.provider.in_(bindparam("create_follows", expanding=True)), now),
+                else_=null(),
+            ),
             updated_at=now,
         )
-        .execution_options(synchronize_session=False)
+        .returning(*JOBS.c)
     )
-    if claimed.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    record_event(
-        session, job, Source.SUBMIT, f"claimed for submission (attempt {job.submit_attempts})"
+
+
+def _claim_with_event() -> Any:
+    """PostgreSQL: the claim, its event and the job's input image, in one statement."""
+    claimed = _claim_statement().cte("claimed")
+    message = (
+        literal("claimed for submission (attempt ")
+        + cast(claimed.c.submit_attempts, String)
+        + literal(")")
     )
-    return job, session.get(JobInput, job_id)
+    event = {name: _EVENT_VALUES[name] for name in ("at", "source", "kind", "to_status")}
+    noted = insert(EVENTS).from_select(
+        ["job_id", "from_status", "message", *event],
+        select(claimed.c.id, claimed.c.status, message, *event.values()),
+    )
+    return (
+        select(claimed, INPUTS.c.content, INPUTS.c.filename, INPUTS.c.content_type)
+        .outerjoin(INPUTS, INPUTS.c.job_id == claimed.c.id)
+        .add_cte(noted.cte("noted"))
+    )
+
+
+_CLAIM_WITH_EVENT = _claim_with_event()
 
 
 def renew_claim(session: Session, job_id: uuid.UUID, token: str, ttl: float, now: datetime) -> bool:
@@ -441,17 +728,33 @@ def record_submission(
     *,
     poll_url: str | None = None,
     now: datetime | None = None,
+    claimed: Job | None = None,
 ) -> Job | None:
-    """What the create call answered (or how the submission ended), written to the row."""
+    """What the create call answered (or how the submission ended), written to the row.
+
+    ``claimed``: the row as the claim returned it. While the job is still
+    queued with no task (nothing got there first: no webhook, no cancel), one
+    conditional write decides without reading the row again.
+    """
     now = now or utcnow()
-    job = lock_job(session, job_id)
-    if job is None:
-        return None
-    result = apply_update(session, job, state, now)
-    if poll_url:
-        job.poll_url = poll_url
-    if result.applied and not job.is_terminal:
-        job.next_poll_at = plan.next_at(PollReason.SUBMITTED, now)
+
+    def schedule(result: Transition, ends: bool) -> dict[str, Any]:
+        planned: dict[str, Any] = {"poll_url": poll_url} if poll_url else {}
+        if result.applied and not ends:
+            planned["next_poll_at"] = plan.next_at(PollReason.SUBMITTED, now)
+        return planned
+
+    fresh = (
+        claimed is not None
+        and claimed.status == JobStatus.QUEUED
+        and not claimed.upstream_task_id
+        and _apply(session, claimed, state, now, also=schedule, untouched=True)[1]
+    )
+    if fresh:
+        return claimed
+    job = lock_row(session, job_id)
+    if job is not None:
+        _apply(session, job, state, now, also=schedule)
     return job
 
 
@@ -463,26 +766,25 @@ def accept_webhook(
 ) -> Transition:
     """A verified webhook for a locked job: apply it, and poll only if the next one is late.
 
-    :class:`TaskIdTaken` (and nothing written) when it would give the job a task id
-    another job of its provider follows: a task belongs to one job (the unique
-    constraint on provider and upstream task id), whichever adopted it first.
+    :class:`TaskIdTaken` when it would give the job a task id another job of
+    its provider follows: a task belongs to one job (the unique constraint on
+    provider and upstream task id), whichever adopted it first. The constraint
+    decides, also between two concurrent adoptions; the caller then rolls back.
     """
     now = now or utcnow()
-    task_id = state.upstream_task_id
-    if not task_id or job.upstream_task_id or job.is_terminal:
-        return _accept_webhook(session, job, state, plan, now)  # no task id to adopt
-    if task_owner(session, job.provider, task_id) not in (None, job.id):
-        raise TaskIdTaken(task_id)
+    adopting = bool(state.upstream_task_id) and not job.upstream_task_id and not job.is_terminal
     try:
-        # A job adopting the same task id concurrently is seen only by the constraint.
-        with session.begin_nested():
-            result = _accept_webhook(session, job, state, plan, now)
-            session.flush()
+        return _accept_webhook(session, job, state, plan, now)
     except IntegrityError as exc:
-        if task_owner(session, job.provider, task_id) in (None, job.id):
-            raise
-        raise TaskIdTaken(task_id) from exc
-    return result
+        if adopting and _names_task_id(exc):
+            raise TaskIdTaken(state.upstream_task_id or "") from exc
+        raise
+
+
+def _names_task_id(exc: IntegrityError) -> bool:
+    """The violation is of the unique (provider, upstream_task_id) constraint."""
+    constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", None)
+    return "upstream_task_id" in (constraint or str(exc.orig))
 
 
 # --- polling -----------------------------------------------------------------------------
@@ -559,16 +861,26 @@ def record_poll_answers(
         .order_by(Job.id)  # a stable lock order: no deadlock with another batch
         .with_for_update()
     ).all()
+    unanswered = []
     for job in jobs:
         state = states.get(job.upstream_task_id or "")
         if state is None:
-            job.poll_attempts += 1
-            job.next_poll_at = plan.next_at(PollReason.POLLED, now, job.poll_attempts)
+            unanswered.append(job)
             continue
-        result = apply_update(session, job, state, now, record_duplicates=False)
-        if job.is_terminal:
-            continue
-        job.poll_attempts = 0 if result.applied else job.poll_attempts + 1
+
+        def schedule(result: Transition, ends: bool, job: Job = job) -> dict[str, Any]:
+            if ends:
+                return {}
+            attempts = 0 if result.applied else job.poll_attempts + 1
+            return {
+                "poll_attempts": attempts,
+                "next_poll_at": plan.next_at(PollReason.POLLED, now, attempts),
+            }
+
+        apply_update(session, job, state, now, record_duplicates=False, also=schedule)
+    # Last, so that the unit of work writes them together at commit.
+    for job in unanswered:
+        job.poll_attempts += 1
         job.next_poll_at = plan.next_at(PollReason.POLLED, now, job.poll_attempts)
 
 
@@ -799,19 +1111,13 @@ class TaskIdTaken(VariflowError):
         self.task_id = task_id
 
 
-def task_owner(session: Session, provider: str, upstream_task_id: str) -> uuid.UUID | None:
-    """The job of ``provider`` that follows ``upstream_task_id``, if one does."""
-    return session.scalar(
-        select(Job.id).where(Job.provider == provider, Job.upstream_task_id == upstream_task_id)
-    )
-
-
 def _accept_webhook(
     session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime
 ) -> Transition:
-    if not job.is_terminal:  # a late delivery to a finished job changes no column
-        job.last_webhook_at = now
-    result = apply_update(session, job, state, now)
-    if not job.is_terminal:
-        job.next_poll_at = plan.next_at(PollReason.WEBHOOK, now)
-    return result
+    # A late delivery to a finished job changes no column.
+    seen = {} if job.is_terminal else {"last_webhook_at": now}
+
+    def schedule(_result: Transition, ends: bool) -> dict[str, Any]:
+        return seen if ends else seen | {"next_poll_at": plan.next_at(PollReason.WEBHOOK, now)}
+
+    return apply_update(session, job, state, now, also=schedule)

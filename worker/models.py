@@ -38,7 +38,8 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JSONType = JSON().with_variant(JSONB(), "postgresql")
+# None is SQL NULL, never the JSON value null: "no result" reads the same from any path.
+JSONType = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 EventId = BigInteger().with_variant(Integer(), "sqlite")
 
 

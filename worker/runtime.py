@@ -26,7 +26,7 @@ from worker import metrics
 from worker.config import Settings
 from worker.db import Database
 from worker.errors import InvalidInput
-from worker.hooks import Consumer
+from worker.hooks import AfterTheEnd, Consumer
 from worker.providers import adapter_class
 from worker.providers.base import AdapterContext, Provider
 from worker.providers.http import make_client
@@ -92,7 +92,11 @@ class Runtime:
         client = http or make_client(settings.http_timeout, settings.http_connect_timeout)
         return cls(
             settings=settings,
-            db=Database(settings.database_url, consumers),
+            db=Database(
+                settings.database_url,
+                consumers,
+                AfterTheEnd(settings.archive_results, bool(settings.on_complete_task)),
+            ),
             http=client,
             providers=Providers.build(settings, client),
             consumers=tuple(consumers),

@@ -93,3 +93,5 @@ class TerminalJob:
     created_at: datetime
     submitted_at: datetime | None
     completed_at: datetime
+    # Nothing was left to do after the end: finalized with the end, no finalize_job.
+    finalized: bool = False

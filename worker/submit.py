@@ -6,7 +6,8 @@ sequence of committed steps, each written by worker/jobs.py:
 1. claim the job (one conditional UPDATE: one submitter at a time, with a TTL);
 2. check the deadline and the attempt budget;
 3. fetch the input image for a provider that needs the file;
-4. commit "a create may be in flight" (``create_started_at``), then call the provider;
+4. commit "a create may be in flight" (``create_started_at``; written by the claim
+   itself when there was nothing to download), then call the provider;
 5. record the answer — a task to follow, or (synchronous providers) the end state.
 
 A create whose outcome is unknown (sent, but no clear answer) is never sent
@@ -47,7 +48,7 @@ from worker.errors import (
 from worker.heartbeat import heartbeat
 from worker.images import fetch_image
 from worker.jobs import NOT_RESENT, PollPlan
-from worker.models import utcnow
+from worker.models import Job, utcnow
 from worker.providers.base import InputImage, Provider, Submission, SubmitRequest
 from worker.results import store_inline
 from worker.runtime import Runtime
@@ -67,6 +68,7 @@ class Claim:
     deadline: datetime
     webhook_secret: str
     image: InputImage | None
+    row: Job  # the job as the claim wrote it (lets the answer be written without a read)
 
 
 @dataclass(frozen=True)
@@ -89,8 +91,17 @@ MAX_HELD_RETRIES = 20
 T = TypeVar("T")
 
 
-def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
-    """Make this worker the job's only submitter, or return None."""
+def claim_for_submit(
+    job_id: uuid.UUID, runtime: Runtime, *, mark_create: bool = False
+) -> Claim | None:
+    """Make this worker the job's only submitter, or return None.
+
+    ``mark_create``: the create call follows the claim at once (nothing to
+    download first), so the claim marks it started in the same write.
+    """
+    create_follows = (
+        tuple(a.name for a in runtime.providers if not a.needs_image_bytes) if mark_create else ()
+    )
     token = secrets.token_hex(16)
     # A fresh secret per attempt: webhooks from an abandoned earlier create
     # cannot authenticate as this job's task.
@@ -103,6 +114,7 @@ def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
             secret_hash=hash_secret(webhook_secret),
             ttl=runtime.settings.submit_claim_ttl,
             now=utcnow(),
+            create_follows=create_follows,
         )
         if claimed is None:
             return None
@@ -117,6 +129,7 @@ def claim_for_submit(job_id: uuid.UUID, runtime: Runtime) -> Claim | None:
             deadline=job.deadline,
             webhook_secret=webhook_secret,
             image=image,
+            row=job,
         )
 
 
@@ -134,7 +147,7 @@ def submit(
     """
     if carried is not None:
         return _record_carried(job_id, carried, runtime)
-    claim = claim_for_submit(job_id, runtime)
+    claim = claim_for_submit(job_id, runtime, mark_create=True)
     if claim is None:
         return _not_claimed(job_id, runtime, held_retries)
     settings = runtime.settings
@@ -201,12 +214,14 @@ def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
             return _finish(claim, _failure(exc.code, exc.message), runtime)
         except UpstreamError as exc:
             return _retry_or_fail(claim, exc, runtime)
-    # Committed before the call: a claim that lapses with this set may have
-    # created a paid task (the sweep then never sends it again). A database
-    # error here happens before anything was sent: the task tries again.
-    with runtime.session() as session:
-        if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
-            return NOTHING_TO_DO  # the claim was lost meanwhile
+    # Committed before the call (by the claim itself when nothing was to be
+    # downloaded): a claim that lapses with this set may have created a paid task
+    # (the sweep then never sends it again). A database error here happens
+    # before anything was sent: the task tries again.
+    if claim.row.create_started_at is None:
+        with runtime.session() as session:
+            if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
+                return NOTHING_TO_DO  # the claim was lost meanwhile
     try:
         submission = adapter.submit(request)
     except PermanentUpstreamError as exc:
@@ -330,7 +345,7 @@ def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOut
     answered_at = utcnow()
     try:
         return _write(
-            lambda: _record(claim.job_id, claim.provider, submission, runtime),
+            lambda: _record(claim.job_id, claim.provider, submission, runtime, claim.row),
             RECORD_IN_WORKER_FOR,
         )
     except SoftTimeLimitExceeded:
@@ -365,14 +380,25 @@ def _finish(claim: Claim, submission: Submission, runtime: Runtime) -> SubmitOut
 
 
 def _record(
-    job_id: uuid.UUID, provider: str, submission: Submission, runtime: Runtime
+    job_id: uuid.UUID,
+    provider: str,
+    submission: Submission,
+    runtime: Runtime,
+    claimed: Job | None = None,
 ) -> SubmitOutcome:
     task_id = submission.state.upstream_task_id
     adapter = runtime.providers.get(provider)
     plan = PollPlan.of(runtime.settings, adapter.webhook_grace)
     with runtime.session() as session:
         job = jobs.record_submission(
-            session, job_id, submission.state, plan, poll_url=submission.poll_url
+            session,
+            job_id,
+            submission.state,
+            plan,
+            poll_url=submission.poll_url,
+            # A webhook often gets there first: then reading the row is cheaper
+            # than a conditional write that finds it changed.
+            claimed=None if adapter.supports_webhook else claimed,
         )
         if job is None:
             return NOTHING_TO_DO

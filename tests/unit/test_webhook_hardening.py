@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import String
+from sqlalchemy import String, create_engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import NullPool
 
 from tests.conftest import Configure
 from tests.webhook_support import (
@@ -245,28 +246,19 @@ def test_adopting_a_task_id_another_job_follows_is_409(client: FlaskClient) -> N
         assert (picture(job_id), picture(owner)) == before
 
 
-def test_a_concurrent_adoption_is_caught_by_the_constraint(
-    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+def test_an_adoption_is_decided_by_the_constraint_in_the_write_itself(
+    client: FlaskClient,
 ) -> None:
-    # Another job adopts the task between the check and the write: the unique
-    # constraint catches it, the savepoint keeps the transaction usable, 409.
+    # No read before the write (it would race anyway): the unique constraint refuses
+    # the UPDATE, the whole transaction is rolled back, 409, nothing changed.
     owner = insert_job(upstream_task_id="t-raced")
     job_id = adopting_job()
     before = picture(job_id), picture(owner)
-    checks: list[str] = []
-    real_owner = jobs.task_owner
-
-    def blind_first(session: Any, provider: str, task_id: str) -> uuid.UUID | None:
-        checks.append(task_id)
-        return None if len(checks) == 1 else real_owner(session, provider, task_id)
-
-    monkeypatch.setattr(jobs, "task_owner", blind_first)
     answer = post(client, job_id, raw_json(envelope("processing", task_id="t-raced")))
     assert answer.status_code == 409
-    assert checks == ["t-raced", "t-raced"]
+    assert answer.get_json() == {"error": "task id belongs to another job"}
     assert (picture(job_id), picture(owner)) == before
     # The next delivery of the job's own task is applied as usual.
-    monkeypatch.undo()
     assert (
         post(client, job_id, raw_json(envelope("processing", task_id="t-own"))).status_code == 200
     )
@@ -410,3 +402,36 @@ def test_without_the_right_secret_nothing_changes(client: FlaskClient, body: str
     for secret in (None, "", "wrong", SECRET):
         assert post_global(client, body, secret=secret).status_code == 401
     assert (picture(job_id), picture(owner)) == before
+
+
+# --- a connection the database dropped (no ping per checkout) ----------------------------
+
+
+def test_a_dropped_connection_is_503_with_retry_after_then_the_delivery_succeeds(
+    pg_url: str, configure: Configure
+) -> None:
+    # There is no pool_pre_ping: a pooled connection the server closed (a restart, a
+    # failover, an idle timeout) fails its first statement. The provider is told to
+    # come back (503, Retry-After), nothing is written, and its next delivery works.
+    app = create_app()
+    app.testing = True
+    client = app.test_client()
+    job_id = insert_job(upstream_task_id="t-drop")
+    assert post(client, job_id, raw_json(envelope("processing", "t-drop"))).status_code == 200
+    before = picture(job_id)
+    admin = create_engine(pg_url, poolclass=NullPool)  # not one of the app's connections
+    with admin.connect() as conn:  # ends every other session of this database
+        conn.exec_driver_sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    admin.dispose()
+    delivery = raw_json(envelope("completed", "t-drop", image_urls=["https://cdn.example/1.png"]))
+
+    refused = post(client, job_id, delivery)
+
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert picture(job_id) == before
+    assert post(client, job_id, delivery).status_code == 200
+    assert row(job_id).status == "completed"
