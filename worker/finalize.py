@@ -187,22 +187,28 @@ def finalize(
     """Do what is left of a job's after-the-end work; seconds until a retry, or None when done.
 
     Re-runnable: each step checks what is already done (archived_urls,
-    on_complete_sent_at, notified_at).
+    on_complete_sent_at, notified_at). The job is read once; each step that
+    did something writes it in a transaction of its own.
     """
     settings, db = runtime.settings, runtime.db
-    # Here rather than in a message of its own: finalize_job is re-sent by the
-    # sweep until it finishes, so a lost message cannot leave a paid task running.
-    if retries == 0 and _ended_unwanted(job_id, db):
-        stop_upstream_task(job_id, runtime)
-    archive(job_id, settings, runtime.http, db)
-    send_on_complete(job_id, settings, db, send_task)
-    if notify(job_id, settings, runtime.http, db):
-        with db.session() as session:
-            jobs.record_finalized(session, job_id)
-        return None
     with db.session() as session:
         job = session.get(Job, job_id)
-        ended = job.completed_at if job else None
+    if job is None:
+        return None
+    # Here rather than in a message of its own: finalize_job is re-sent by the
+    # sweep until it finishes, so a lost message cannot leave a paid task running.
+    if retries == 0 and _ended_unwanted(job):
+        stop_upstream_task(job_id, runtime)
+    _archive(job, settings, runtime.http, db)
+    _send_on_complete(job, settings, db, send_task)
+    notified = _notify(job, settings, runtime.http, db)
+    if notified is not None:
+        with db.session() as session:
+            if notified:
+                jobs.record_notified(session, job_id, notified)
+            jobs.record_finalized(session, job_id)
+        return None
+    ended = job.completed_at
     if ended is None or (utcnow() - ended).total_seconds() > settings.notify_retry_for:
         with db.session() as session:
             jobs.record_finalized(session, job_id, "gave up notifying: retry time over")
@@ -215,61 +221,76 @@ def finalize(
 def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> None:
     """Archive once: skipped when the job has archived URLs already."""
     with db.session() as session:
-        snapshot = session.get(Job, job_id)
-        if snapshot is None or snapshot.status != JobStatus.COMPLETED or snapshot.archived_urls:
-            return
-        result_urls = list(snapshot.result_urls or [])
+        job = session.get(Job, job_id)
+    if job is not None:
+        _archive(job, settings, client, db)
+
+
+def _archive(job: Job, settings: Settings, client: httpx.Client, db: Database) -> None:
+    if job.status != JobStatus.COMPLETED or job.archived_urls:
+        return
+    result_urls = list(job.result_urls or [])
     if not settings.archive_results or not result_urls:
         return
     # Downloads run outside any transaction: no row (or SQLite) lock is held meanwhile.
-    archived = archive_results(snapshot, settings, client)
+    archived = archive_results(job, settings, client)
     message = f"archived {len(archived.urls)} of {len(result_urls)} result image(s)"
     if archived.errors:
         message += "; failed: " + "; ".join(archived.errors)
     with db.session() as session:
-        jobs.record_archive(session, job_id, archived.urls, message)
+        # The notification that follows reports them.
+        job.archived_urls = jobs.record_archive(session, job.id, archived.urls, message)
 
 
 def notify(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> bool:
     """POST to the job's notify_url; True when done (or nothing to do), False to retry."""
     with db.session() as session:
         job = session.get(Job, job_id)
-        if job is None or not job.notify_url or job.notified_at is not None:
-            return True
-        url, body = job.notify_url, final_state(job)
+    if job is None:
+        return True
+    notified = _notify(job, settings, client, db)
+    if notified:
+        with db.session() as session:
+            jobs.record_notified(session, job_id, notified)
+    return notified is not None
+
+
+def _notify(job: Job, settings: Settings, client: httpx.Client, db: Database) -> str | None:
+    """POST to the job's notify_url: the event to record when it was delivered, "" when
+    there is nothing (more) to do, None to retry."""
+    job_id = job.id
+    if not job.notify_url or job.notified_at is not None:
+        return ""
+    url, body = job.notify_url, final_state(job)
     if settings.notify_secret is None:
         _record(db, job_id, "notify_url set but VARIFLOW_NOTIFY_SECRET is not: not sent")
-        return True
+        return ""
     try:
         status = post_notification(url, body, notification_id(job_id), settings, client)
     except NotifyRefused as exc:
         _record(db, job_id, f"notification to {_host(url)} not sent: {exc}")
-        return True  # done: the same URL is refused again on every retry
+        return ""  # done: the same URL is refused again on every retry
     except NotifyFailed as exc:
         _record(db, job_id, f"notification to {_host(url)} failed: {exc}")
-        return False
-    with db.session() as session:
-        jobs.record_notified(session, job_id, f"notified {_host(url)}: HTTP {status}")
-    return True
+        return None
+    return f"notified {_host(url)}: HTTP {status}"
 
 
-def send_on_complete(
-    job_id: uuid.UUID, settings: Settings, db: Database, send_task: SendTask
-) -> None:
+def _send_on_complete(job: Job, settings: Settings, db: Database, send_task: SendTask) -> None:
     """Send the application's own Celery task (named per job or by configuration), once."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.on_complete_sent_at is not None:
-            return
-        name = job.on_complete_task or settings.on_complete_task
-        status, provider = job.status, job.provider
+    if job.on_complete_sent_at is not None:
+        return
+    name = job.on_complete_task or settings.on_complete_task
     if not name:
         return
     send_task(
-        name, [str(job_id)], {"status": status, "provider": provider}, settings.on_complete_queue
+        name,
+        [str(job.id)],
+        {"status": job.status, "provider": job.provider},
+        settings.on_complete_queue,
     )
     with db.session() as session:
-        jobs.record_on_complete_sent(session, job_id, name)
+        jobs.record_on_complete_sent(session, job.id, name)
 
 
 def stop_upstream_task(
@@ -300,15 +321,11 @@ def stop_upstream_task(
         jobs.note(session, job_id, Source.CANCEL, f"upstream task {task_id}: {note}")
 
 
-def _ended_unwanted(job_id: uuid.UUID, db: Database) -> bool:
+def _ended_unwanted(job: Job) -> bool:
     """Cancelled or timed out while a task may still run upstream."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
-        return (
-            job is not None
-            and bool(job.upstream_task_id)
-            and (job.status == JobStatus.CANCELLED or job.error_code == ErrorCode.TIMEOUT)
-        )
+    return bool(job.upstream_task_id) and (
+        job.status == JobStatus.CANCELLED or job.error_code == ErrorCode.TIMEOUT
+    )
 
 
 def _record(db: Database, job_id: uuid.UUID, message: str) -> None:

@@ -1052,13 +1052,16 @@ def unfinished_after_the_end(
 # --- after the end -----------------------------------------------------------------------
 
 
-def record_archive(session: Session, job_id: uuid.UUID, urls: list[str], message: str) -> None:
-    """Where the result images were archived (first writer wins)."""
+def record_archive(
+    session: Session, job_id: uuid.UUID, urls: list[str], message: str
+) -> list[str] | None:
+    """Where the result images were archived (first writer wins): the URLs kept."""
     job = lock_job(session, job_id)
     if job is None or job.archived_urls:
-        return
+        return job.archived_urls if job is not None else None
     job.archived_urls = urls
     record_event(session, job, Source.FINALIZE, message)
+    return urls
 
 
 def record_notified(session: Session, job_id: uuid.UUID, message: str) -> None:
