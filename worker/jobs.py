@@ -728,34 +728,42 @@ def record_submission(
     *,
     poll_url: str | None = None,
     now: datetime | None = None,
-    claimed: Job | None = None,
 ) -> Job | None:
-    """What the create call answered (or how the submission ended), written to the row.
-
-    ``claimed``: the row as the claim returned it. While the job is still
-    queued with no task (nothing got there first: no webhook, no cancel), one
-    conditional write decides without reading the row again.
-    """
+    """What the create call answered (or how the submission ended), written to the row."""
     now = now or utcnow()
+    job = lock_row(session, job_id)
+    if job is not None:
+        _apply(session, job, state, now, also=_submission_schedule(plan, poll_url, now))
+    return job
 
+
+def record_untouched_submission(
+    session: Session,
+    claimed: Job,
+    state: UpstreamState,
+    plan: PollPlan,
+    *,
+    poll_url: str | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """:func:`record_submission` in one statement, from the row as the claim returned it:
+    written only while the job is still queued with no task (nothing got there first:
+    no webhook, no cancel). False: nothing written, record it the usual way."""
+    if claimed.status != JobStatus.QUEUED or claimed.upstream_task_id:
+        return False
+    now = now or utcnow()
+    schedule = _submission_schedule(plan, poll_url, now)
+    return _apply(session, claimed, state, now, also=schedule, untouched=True)[1]
+
+
+def _submission_schedule(plan: PollPlan, poll_url: str | None, now: datetime) -> Also:
     def schedule(result: Transition, ends: bool) -> dict[str, Any]:
         planned: dict[str, Any] = {"poll_url": poll_url} if poll_url else {}
         if result.applied and not ends:
             planned["next_poll_at"] = plan.next_at(PollReason.SUBMITTED, now)
         return planned
 
-    fresh = (
-        claimed is not None
-        and claimed.status == JobStatus.QUEUED
-        and not claimed.upstream_task_id
-        and _apply(session, claimed, state, now, also=schedule, untouched=True)[1]
-    )
-    if fresh:
-        return claimed
-    job = lock_row(session, job_id)
-    if job is not None:
-        _apply(session, job, state, now, also=schedule)
-    return job
+    return schedule
 
 
 # --- webhooks ----------------------------------------------------------------------------

@@ -107,6 +107,11 @@ class Runtime:
         with self.db.session() as session:
             yield session
 
+    @contextmanager
+    def one_statement(self) -> Iterator[Session]:
+        with self.db.one_statement() as session:
+            yield session
+
     def close(self) -> None:
         self.db.dispose()
         self.http.close()
