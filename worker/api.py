@@ -200,7 +200,7 @@ def submit_variation(
         else None
     )
     try:
-        with rt.one_statement() as session:  # on PostgreSQL, one statement: no BEGIN/COMMIT
+        with rt.autocommit() as session:  # on PostgreSQL, one statement: no BEGIN/COMMIT
             job, accepted = jobs.create_job(
                 session,
                 provider=provider,

@@ -90,13 +90,15 @@ class Database:
             session.close()
 
     @contextmanager
-    def one_statement(self) -> Iterator[Session]:
-        """A unit of work that is a single statement, which is atomic by itself.
+    def autocommit(self) -> Iterator[Session]:
+        """A unit of work whose statements are each atomic by themselves: one
+        statement, or writes guarded by what was read (worker.jobs, optimistic).
 
         On PostgreSQL it runs in autocommit mode: no BEGIN and no COMMIT round
-        trip around it (psycopg sends each as a round trip of its own), so it
-        costs one round trip instead of three. Callers that read and then write
-        need :meth:`session`. Terminal-job consumers run as after any commit.
+        trip (psycopg sends each as a round trip of its own), so a one-statement
+        step costs one round trip instead of three. Nothing can hold a lock
+        across statements here: read-then-write steps that need one use
+        :meth:`session`. Terminal-job consumers run as after any commit.
         """
         if not self.is_postgres:  # SQLite: BEGIN IMMEDIATE is how writers queue up
             with self.session() as session:

@@ -71,7 +71,10 @@ LAPSED = "lapsed"
 JOBS: Table = Job.__table__  # type: ignore[assignment]
 EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
 INPUTS: Table = JobInput.__table__  # type: ignore[assignment]
-_LOCK_ROW = select(JOBS).where(JOBS.c.id == bindparam("job_id")).with_for_update()
+_READ_ROW = select(JOBS).where(JOBS.c.id == bindparam("job_id"))
+_LOCK_ROW = _READ_ROW.with_for_update()
+# A guarded write that keeps finding the row changed: give up after this many reads.
+GUARDED_ATTEMPTS = 5
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -95,6 +98,21 @@ def lock_row(session: Session, job_id: uuid.UUID) -> Job | None:
     changing its attributes writes nothing.
     """
     row = session.execute(_LOCK_ROW, {"job_id": job_id}).first()
+    return Job(**row._mapping) if row is not None else None
+
+
+def read_row(session: Session, job_id: uuid.UUID) -> Job | None:
+    """The job's row as a detached copy, without a lock: for a guarded write (see
+    :func:`accept_webhook`)."""
+    row = session.execute(_READ_ROW, {"job_id": job_id}).first()
+    return Job(**row._mapping) if row is not None else None
+
+
+def read_by_task(session: Session, provider: str, upstream_task_id: str) -> Job | None:
+    """The job following a provider's task, as a detached copy, without a lock."""
+    row = session.execute(
+        select(JOBS).where(JOBS.c.provider == provider, JOBS.c.upstream_task_id == upstream_task_id)
+    ).first()
     return Job(**row._mapping) if row is not None else None
 
 
@@ -163,6 +181,8 @@ class PollPlan:
 
 # --- every status change -----------------------------------------------------------------
 
+# What the transition decides from (states.JobLike): a guarded write checks them.
+DECIDED_FROM = ("status", "progress", "upstream_task_id", "submitted_at")
 # A caller's own columns, written with a transition: also(result, ends) -> columns.
 Also = Callable[[Transition, bool], Mapping[str, Any]]
 
@@ -192,11 +212,15 @@ def _apply(
     now: datetime,
     record_duplicates: bool = True,
     also: Also | None = None,
-    untouched: bool = False,
+    guarded: bool = False,
 ) -> tuple[Transition, bool]:
     """Decide, then write the columns and the event in one statement: the transition
-    and whether it was written. ``untouched``: only if the job is still queued with
-    no task (nothing else changed it since the caller read it)."""
+    and whether it was written.
+
+    ``guarded``: the caller read ``job`` without a lock; the write happens only if
+    what the transition decided from (:data:`DECIDED_FROM`) is still what it read
+    — optimistic concurrency, so that no transaction has to hold a lock.
+    """
     result = transition(job, update, now)
     changes = dict(result.changes)
     status = JobStatus(changes.get("status", job.status))
@@ -208,8 +232,8 @@ def _apply(
     event = result.event
     if event is not None and event.duplicate and not record_duplicates:
         event = None
-    if untouched and not changes:
-        return result, False
+    if guarded and not changes and not job.is_terminal:
+        return result, False  # nothing to guard an event-only write with: not done
     if changes:
         changes.setdefault("updated_at", now)
     row = None
@@ -223,7 +247,8 @@ def _apply(
             event.message,
             dict(event.payload) if event.payload else None,
         )
-    if not _write(session, job, changes, row, untouched):
+    guard = {name: getattr(job, name) for name in DECIDED_FROM} if guarded and changes else None
+    if not _write(session, job, changes, row, guard):
         return result, False
     if result.became_terminal:
         assert job.completed_at is not None
@@ -297,10 +322,10 @@ def _write(
     job: Job,
     changes: Mapping[str, Any],
     event: Mapping[str, Any] | None,
-    untouched: bool = False,
+    guard: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Write ``changes`` to the job's row (see :func:`_apply` for ``untouched``) and add
-    ``event``.
+    """Write ``changes`` to the job's row (only while its ``guard`` columns hold those
+    values, when given) and add ``event``.
 
     One statement on PostgreSQL (the event is inserted from the UPDATE's
     RETURNING, so it exists only if the row was written); two on SQLite. The
@@ -308,6 +333,7 @@ def _write(
     """
     values: dict[str, Any] = {"job_id": job.id}
     values.update({f"set_{name}": value for name, value in changes.items()})
+    values.update({f"was_{name}": value for name, value in (guard or {}).items()})
     if event is not None:
         values.update({f"event_{name}": value for name, value in event.items()})
     if not changes:
@@ -315,7 +341,8 @@ def _write(
             session.execute(_INSERT_FIRST_EVENT, values)
         return True
     postgres = is_postgres(session)
-    change, add = _write_statements(tuple(changes), event is not None, untouched, postgres)
+    guarded = tuple(guard or ())
+    change, add = _write_statements(tuple(changes), event is not None, guarded, postgres)
     # RETURNING says whether the row was written (psycopg's rowcount of an
     # INSERT fed by a data-modifying CTE is not reliable).
     written = session.execute(change, values).first() is not None
@@ -330,7 +357,7 @@ def _write(
 
 @functools.lru_cache(maxsize=512)
 def _write_statements(
-    columns: tuple[str, ...], with_event: bool, untouched: bool, postgres: bool
+    columns: tuple[str, ...], with_event: bool, guarded: tuple[str, ...], postgres: bool
 ) -> tuple[Any, Any | None]:
     """The statement(s) that write these columns (and an event), built once per shape:
     values are bound at execution, so nothing is compiled per call."""
@@ -339,9 +366,10 @@ def _write_statements(
         .where(JOBS.c.id == bindparam("job_id"))
         .values({name: bindparam(f"set_{name}", type_=JOBS.c[name].type) for name in columns})
     )
-    if untouched:
+    for name in guarded:
+        column = JOBS.c[name]
         change = change.where(
-            JOBS.c.status == JobStatus.QUEUED.value, JOBS.c.upstream_task_id.is_(None)
+            column.is_not_distinct_from(bindparam(f"was_{name}", type_=column.type))
         )
     if not with_event or not postgres:
         return change.returning(JOBS.c.id), _INSERT_FIRST_EVENT if with_event else None
@@ -753,7 +781,7 @@ def record_untouched_submission(
         return False
     now = now or utcnow()
     schedule = _submission_schedule(plan, poll_url, now)
-    return _apply(session, claimed, state, now, also=schedule, untouched=True)[1]
+    return _apply(session, claimed, state, now, also=schedule, guarded=True)[1]
 
 
 def _submission_schedule(plan: PollPlan, poll_url: str | None, now: datetime) -> Also:
@@ -770,9 +798,21 @@ def _submission_schedule(plan: PollPlan, poll_url: str | None, now: datetime) ->
 
 
 def accept_webhook(
-    session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime | None = None
+    session: Session,
+    job: Job,
+    state: UpstreamState,
+    plan: PollPlan,
+    now: datetime | None = None,
+    *,
+    guarded: bool = False,
 ) -> Transition:
-    """A verified webhook for a locked job: apply it, and poll only if the next one is late.
+    """A verified webhook for a job: apply it, and poll only if the next one is late.
+
+    The caller has locked ``job``, or read it without a lock (``guarded``, in an
+    autocommit session: :meth:`worker.db.Database.autocommit`): then the write
+    happens only if the row still holds what the transition decided from, and
+    on a change the row is read again and the webhook decided anew
+    (:class:`RowBusy` after :data:`GUARDED_ATTEMPTS`). ``job`` ends up as written.
 
     :class:`TaskIdTaken` when it would give the job a task id another job of
     its provider follows: a task belongs to one job (the unique constraint on
@@ -780,13 +820,29 @@ def accept_webhook(
     decides, also between two concurrent adoptions; the caller then rolls back.
     """
     now = now or utcnow()
-    adopting = bool(state.upstream_task_id) and not job.upstream_task_id and not job.is_terminal
-    try:
-        return _accept_webhook(session, job, state, plan, now)
-    except IntegrityError as exc:
-        if adopting and _names_task_id(exc):
-            raise TaskIdTaken(state.upstream_task_id or "") from exc
-        raise
+    for _ in range(GUARDED_ATTEMPTS):
+        adopting = bool(state.upstream_task_id) and not job.upstream_task_id
+        try:
+            result, written = _accept_webhook(session, job, state, plan, now, guarded)
+        except IntegrityError as exc:
+            if adopting and not job.is_terminal and _names_task_id(exc):
+                raise TaskIdTaken(state.upstream_task_id or "") from exc
+            raise
+        if written:
+            return result
+        fresh = read_row(session, job.id)
+        if fresh is None:
+            raise RowBusy(job.id)  # deleted meanwhile
+        for column in JOBS.c:
+            set_committed_value(job, column.key, getattr(fresh, column.key))
+    raise RowBusy(job.id)
+
+
+class RowBusy(VariflowError):
+    """A guarded write kept finding the job's row changed by others (try again later)."""
+
+    def __init__(self, job_id: uuid.UUID) -> None:
+        super().__init__(f"job {job_id} kept changing under a guarded write")
 
 
 def _names_task_id(exc: IntegrityError) -> bool:
@@ -1123,12 +1179,12 @@ class TaskIdTaken(VariflowError):
 
 
 def _accept_webhook(
-    session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime
-) -> Transition:
+    session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime, guarded: bool
+) -> tuple[Transition, bool]:
     # A late delivery to a finished job changes no column.
     seen = {} if job.is_terminal else {"last_webhook_at": now}
 
     def schedule(_result: Transition, ends: bool) -> dict[str, Any]:
         return seen if ends else seen | {"next_poll_at": plan.next_at(PollReason.WEBHOOK, now)}
 
-    return apply_update(session, job, state, now, also=schedule)
+    return _apply(session, job, state, now, also=schedule, guarded=guarded)

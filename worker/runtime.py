@@ -108,8 +108,8 @@ class Runtime:
             yield session
 
     @contextmanager
-    def one_statement(self) -> Iterator[Session]:
-        with self.db.one_statement() as session:
+    def autocommit(self) -> Iterator[Session]:
+        with self.db.autocommit() as session:
             yield session
 
     def close(self) -> None:

@@ -106,7 +106,7 @@ def claim_for_submit(
     # A fresh secret per attempt: webhooks from an abandoned earlier create
     # cannot authenticate as this job's task.
     webhook_secret = secrets.token_urlsafe(32)
-    with runtime.one_statement() as session:
+    with runtime.autocommit() as session:
         claimed = jobs.claim_for_submit(
             session,
             job_id,
@@ -172,7 +172,7 @@ def _not_claimed(job_id: uuid.UUID, runtime: Runtime, held_retries: int) -> Subm
 
 def _claim_renewal(claim: Claim, runtime: Runtime) -> Callable[[], object]:
     def renew() -> bool:
-        with runtime.one_statement() as session:
+        with runtime.autocommit() as session:
             return jobs.renew_claim(
                 session, claim.job_id, claim.token, runtime.settings.submit_claim_ttl, utcnow()
             )
@@ -219,7 +219,7 @@ def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
     # (the sweep then never sends it again). A database error here happens
     # before anything was sent: the task tries again.
     if claim.row.create_started_at is None:
-        with runtime.one_statement() as session:
+        with runtime.autocommit() as session:
             if not jobs.mark_create_started(session, claim.job_id, claim.token, utcnow()):
                 return NOTHING_TO_DO  # the claim was lost meanwhile
     try:
@@ -394,7 +394,7 @@ def _record(
     # provider: its webhook often does, and then reading the row is cheaper
     # than a conditional write that finds it changed.
     if claimed is not None and not adapter.supports_webhook:
-        with runtime.one_statement() as session:
+        with runtime.autocommit() as session:
             if jobs.record_untouched_submission(session, claimed, state, plan, poll_url=poll_url):
                 return NOTHING_TO_DO  # the job follows the task it was given
     with runtime.session() as session:

@@ -435,3 +435,60 @@ def test_a_dropped_connection_is_503_with_retry_after_then_the_delivery_succeeds
     assert picture(job_id) == before
     assert post(client, job_id, delivery).status_code == 200
     assert row(job_id).status == "completed"
+
+
+# --- guarded writes: no lock held, the row decides -----------------------------------------
+
+
+def test_a_webhook_decided_on_a_row_that_changed_is_decided_again(client: FlaskClient) -> None:
+    # The receiver reads the row without a lock; another writer gets there first.
+    job_id = insert_job(upstream_task_id="t-g", status="submitted")
+    state = UpstreamState(JobStatus.PROCESSING, Source.WEBHOOK, progress=40, upstream_task_id="t-g")
+    plan = jobs.PollPlan.of(current().settings, 120.0)
+    with current().autocommit() as session:
+        stale = jobs.read_row(session, job_id)
+    assert stale is not None
+    with session_scope() as session:  # meanwhile: the job completed
+        job = jobs.lock_job(session, job_id)
+        assert job is not None
+        done = UpstreamState(
+            JobStatus.COMPLETED,
+            Source.POLL,
+            upstream_task_id="t-g",
+            image_urls=("https://c/1.png",),
+        )
+        jobs.apply_update(session, job, done)
+
+    with current().autocommit() as session:
+        result = jobs.accept_webhook(session, stale, state, plan, guarded=True)
+
+    # Decided anew on the completed row: ignored, and the row is left as it was.
+    assert result.event is not None and result.event.kind.value == "ignored"
+    assert stale.status == "completed"
+    finished = row(job_id)
+    assert (finished.status, finished.progress) == ("completed", 100)
+    assert [e.kind for e in events(job_id)][-2:] == ["transition", "ignored"]
+
+
+def test_concurrent_deliveries_to_one_job_all_land(client: FlaskClient) -> None:
+    # Without a lock, deliveries race on the row; each one is applied or ignored on
+    # the state it finally saw, none is lost, and the job ends completed.
+    job_id = insert_job(upstream_task_id="t-race", status="submitted")
+    bodies = [raw_json(envelope("processing", "t-race", progress=p)) for p in (10, 30, 60, 90)]
+    bodies.append(raw_json(envelope("completed", "t-race", image_urls=["https://c/1.png"])))
+    app = create_app()
+    answers: list[int] = []
+
+    def deliver(body: str) -> None:
+        with app.test_client() as own:
+            answers.append(post(own, job_id, body).status_code)
+
+    threads = [threading.Thread(target=deliver, args=(body,)) for body in bodies * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert answers == [200] * len(threads)
+    finished = row(job_id)
+    assert (finished.status, finished.progress) == ("completed", 100)
+    assert len(events(job_id)) == len(threads)  # one event per delivery: none lost
