@@ -18,7 +18,11 @@ counted: neither is part of a job's cost.
 
 Prints one line per provider:
 
-    cost <provider>: statements=<n> commits=<n> messages=<n> http=<n> pings=<n>
+    cost <provider>: statements=<n> commits=<n> messages=<n> http=<n> pings=<n> round_trips=<n>
+
+``commits`` counts units of work (transactions), also those that run in
+autocommit; ``round_trips`` counts what reaches PostgreSQL: statements, pings,
+and the BEGIN and COMMIT of units of work that are not in autocommit.
 
 The goals of issue 9 (per job): PiAPI <= 10 statements and <= 6 commits,
 Piclaza <= 10 / 6 (amortised over a batch of 50), LemonData <= 8 / 4.
@@ -76,15 +80,22 @@ class Tally:
     commits: int = 0
     pings: int = 0
     messages: int = 0
+    # BEGIN and COMMIT that psycopg really sends (not in autocommit units of work).
+    brackets: int = 0
 
     def reset(self) -> None:
-        self.statements = self.commits = self.pings = self.messages = 0
+        self.statements = self.commits = self.pings = self.messages = self.brackets = 0
+
+    @property
+    def round_trips(self) -> int:
+        return self.statements + self.brackets + self.pings
 
     def add(self, other: Tally) -> None:
         self.statements += other.statements
         self.commits += other.commits
         self.pings += other.pings
         self.messages += other.messages
+        self.brackets += other.brackets
 
     @contextmanager
     def paused(self) -> Iterator[Tally]:
@@ -98,14 +109,22 @@ class Tally:
             apart.commits = self.commits - before.commits
             apart.pings = self.pings - before.pings
             apart.messages = self.messages - before.messages
+            apart.brackets = self.brackets - before.brackets
             self.statements, self.commits = before.statements, before.commits
             self.pings, self.messages = before.pings, before.messages
+            self.brackets = before.brackets
 
 
 def png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (30, 90, 160)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def autocommit(conn: Any) -> bool:
+    """A unit of work in autocommit (worker.db.Database.autocommit): SQLAlchemy still
+    reports its commit, but psycopg sends no BEGIN and no COMMIT."""
+    return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
 
 
 def count(rt: Runtime, tally: Tally) -> None:
@@ -115,9 +134,10 @@ def count(rt: Runtime, tally: Tally) -> None:
         with lock:
             tally.statements += 1
 
-    def commit(*_: Any) -> None:
+    def commit(conn: Any) -> None:
         with lock:
             tally.commits += 1
+            tally.brackets += 0 if autocommit(conn) else 2  # its BEGIN and the COMMIT
 
     dialect = rt.db.engine.dialect
     do_ping = dialect.do_ping
@@ -254,7 +274,8 @@ def main() -> None:
             print(
                 f"cost {provider}: statements={tally.statements / n:.1f} "
                 f"commits={tally.commits / n:.1f} messages={tally.messages / n:.1f} "
-                f"http={http / n:.1f} pings={tally.pings / n:.1f}"
+                f"http={http / n:.1f} pings={tally.pings / n:.1f} "
+                f"round_trips={tally.round_trips / n:.1f}"
                 f"  (per job{f', a batch of {n}' if n > 1 else ''}; "
                 f"goal <= {goal_statements} statements, <= {goal_commits} commits)"
             )

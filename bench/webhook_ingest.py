@@ -416,11 +416,16 @@ def profile_sql(
             def on_execute(*args: Any) -> None:
                 current.statements.append(_describe_sql(args[2]))
 
-            def on_begin(_conn: Any) -> None:
-                current.begins += 1
+            # In autocommit (worker.db.Database.autocommit) SQLAlchemy still reports
+            # begin and commit, but psycopg sends neither: not round trips.
+            def autocommit(conn: Any) -> bool:
+                return bool(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
 
-            def on_commit(_conn: Any) -> None:
-                current.commits += 1
+            def on_begin(conn: Any) -> None:
+                current.begins += 0 if autocommit(conn) else 1
+
+            def on_commit(conn: Any) -> None:
+                current.commits += 0 if autocommit(conn) else 1
 
             def on_rollback(_conn: Any) -> None:
                 current.rollbacks += 1

@@ -3,9 +3,11 @@
 Answers: 413 body over 1 MiB, 404 unknown provider or job, 401 missing or
 wrong secret (nothing is touched), 400 malformed body (also a task id that
 could not be stored: too long, NUL, lone surrogate), 409 a task id that is not
-the job's (or that another job follows), otherwise 200 — also for duplicates
-and stale deliveries, which are recorded as ignored events so the provider
-stops retrying them. Never a 5xx for what a body holds: the state is made safe
+the job's (or that another job follows), 503 with Retry-After when the
+database is unreachable or the job's row kept changing under the delivery
+(the provider delivers again), otherwise 200 — also for duplicates and stale
+deliveries, which are recorded as ignored events so the provider stops
+retrying them. Never a 5xx for what a body holds: the state is made safe
 to store first (worker.upstream_text), so a provider never retries a delivery
 that cannot succeed.
 """
