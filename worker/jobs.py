@@ -232,8 +232,6 @@ def _apply(
     event = result.event
     if event is not None and event.duplicate and not record_duplicates:
         event = None
-    if guarded and not changes and not job.is_terminal:
-        return result, False  # nothing to guard an event-only write with: not done
     if changes:
         changes.setdefault("updated_at", now)
     row = None
@@ -247,6 +245,7 @@ def _apply(
             event.message,
             dict(event.payload) if event.payload else None,
         )
+    # An event-only write (an ignored update) needs no guard: it changes no column.
     guard = {name: getattr(job, name) for name in DECIDED_FROM} if guarded and changes else None
     if not _write(session, job, changes, row, guard):
         return result, False
@@ -756,12 +755,23 @@ def record_submission(
     *,
     poll_url: str | None = None,
     now: datetime | None = None,
+    guarded: bool = False,
 ) -> Job | None:
-    """What the create call answered (or how the submission ended), written to the row."""
+    """What the create call answered (or how the submission ended), written to the row.
+
+    ``guarded``: in an autocommit session, the row is read without a lock and the
+    write guarded (see :func:`accept_webhook`); :class:`RowBusy` if it kept changing.
+    """
     now = now or utcnow()
+    also = _submission_schedule(plan, poll_url, now)
+    if guarded:
+        job = read_row(session, job_id)
+        if job is not None:
+            _apply_guarded(session, job, state, now, also)
+        return job
     job = lock_row(session, job_id)
     if job is not None:
-        _apply(session, job, state, now, also=_submission_schedule(plan, poll_url, now))
+        _apply(session, job, state, now, also=also)
     return job
 
 
@@ -820,19 +830,30 @@ def accept_webhook(
     decides, also between two concurrent adoptions; the caller then rolls back.
     """
     now = now or utcnow()
+    adopting = bool(state.upstream_task_id) and not job.upstream_task_id and not job.is_terminal
+    try:
+        if guarded:
+            return _apply_guarded(session, job, state, now, _webhook_schedule(job, plan, now))
+        return _apply(session, job, state, now, also=_webhook_schedule(job, plan, now))[0]
+    except IntegrityError as exc:
+        if adopting and _names_task_id(exc):
+            raise TaskIdTaken(state.upstream_task_id or "") from exc
+        raise
+
+
+def _apply_guarded(
+    session: Session, job: Job, update: UpstreamState, now: datetime, also: Also
+) -> Transition:
+    """:func:`_apply` to a row read without a lock: written only if what the transition
+    decided from is unchanged; otherwise read again and decided anew. ``job`` ends up
+    as written. :class:`RowBusy` after :data:`GUARDED_ATTEMPTS` changes in a row."""
     for _ in range(GUARDED_ATTEMPTS):
-        adopting = bool(state.upstream_task_id) and not job.upstream_task_id
-        try:
-            result, written = _accept_webhook(session, job, state, plan, now, guarded)
-        except IntegrityError as exc:
-            if adopting and not job.is_terminal and _names_task_id(exc):
-                raise TaskIdTaken(state.upstream_task_id or "") from exc
-            raise
+        result, written = _apply(session, job, update, now, also=also, guarded=True)
         if written:
             return result
         fresh = read_row(session, job.id)
         if fresh is None:
-            raise RowBusy(job.id)  # deleted meanwhile
+            break  # deleted meanwhile
         for column in JOBS.c:
             set_committed_value(job, column.key, getattr(fresh, column.key))
     raise RowBusy(job.id)
@@ -1178,13 +1199,12 @@ class TaskIdTaken(VariflowError):
         self.task_id = task_id
 
 
-def _accept_webhook(
-    session: Session, job: Job, state: UpstreamState, plan: PollPlan, now: datetime, guarded: bool
-) -> tuple[Transition, bool]:
-    # A late delivery to a finished job changes no column.
-    seen = {} if job.is_terminal else {"last_webhook_at": now}
+def _webhook_schedule(job: Job, plan: PollPlan, now: datetime) -> Also:
+    """A webhook's own columns: when it came, and the fallback poll pushed back."""
 
     def schedule(_result: Transition, ends: bool) -> dict[str, Any]:
+        # A late delivery to a finished job changes no column.
+        seen = {} if job.is_terminal else {"last_webhook_at": now}
         return seen if ends else seen | {"next_poll_at": plan.next_at(PollReason.WEBHOOK, now)}
 
-    return _apply(session, job, state, now, also=schedule, guarded=guarded)
+    return schedule

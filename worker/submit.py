@@ -397,14 +397,20 @@ def _record(
         with runtime.autocommit() as session:
             if jobs.record_untouched_submission(session, claimed, state, plan, poll_url=poll_url):
                 return NOTHING_TO_DO  # the job follows the task it was given
-    with runtime.session() as session:
-        job = jobs.record_submission(session, job_id, state, plan, poll_url=poll_url)
-        if job is None:
-            return NOTHING_TO_DO
-        # A task this job does not follow (it was cancelled or timed out while
-        # the create was in flight, or another attempt's task won): stop it
-        # where the provider can, or it runs, and bills, for nothing.
-        orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
+    try:  # no lock held: the row is read and the write guarded by what was read
+        with runtime.autocommit() as session:
+            job = jobs.record_submission(
+                session, job_id, state, plan, poll_url=poll_url, guarded=True
+            )
+    except jobs.RowBusy:  # it kept changing (rare): decide under the row's lock
+        with runtime.session() as session:
+            job = jobs.record_submission(session, job_id, state, plan, poll_url=poll_url)
+    if job is None:
+        return NOTHING_TO_DO
+    # A task this job does not follow (it was cancelled or timed out while
+    # the create was in flight, or another attempt's task won): stop it
+    # where the provider can, or it runs, and bills, for nothing.
+    orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
     return SubmitOutcome(orphan=task_id if orphaned else None)
 
 

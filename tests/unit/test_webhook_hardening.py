@@ -304,10 +304,10 @@ def test_an_integrity_error_that_is_not_about_the_task_id_is_raised(
     # Only a task id another job follows is a conflict; any other violation is a bug.
     job_id = adopting_job()
 
-    def broken(*_args: object) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
         raise IntegrityError("UPDATE jobs ...", {}, Exception("another constraint"))
 
-    monkeypatch.setattr(jobs, "_accept_webhook", broken)
+    monkeypatch.setattr(jobs, "_apply", broken)
     state = UpstreamState(JobStatus.SUBMITTED, Source.WEBHOOK, upstream_task_id="t-9")
     plan = jobs.PollPlan.of(current().settings, 120.0)
     with pytest.raises(IntegrityError), session_scope() as session:
@@ -492,3 +492,17 @@ def test_concurrent_deliveries_to_one_job_all_land(client: FlaskClient) -> None:
     finished = row(job_id)
     assert (finished.status, finished.progress) == ("completed", 100)
     assert len(events(job_id)) == len(threads)  # one event per delivery: none lost
+
+
+def test_a_row_that_keeps_changing_is_503_and_nothing_is_written(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every guarded write finds the row changed (here: no attempt is allowed at all):
+    # the provider is told to deliver again rather than the delivery being dropped.
+    monkeypatch.setattr(jobs, "GUARDED_ATTEMPTS", 0)
+    job_id = insert_job(upstream_task_id="t-busy", status="submitted")
+    before = picture(job_id)
+    answer = post(client, job_id, raw_json(envelope("processing", "t-busy", progress=20)))
+    assert answer.status_code == 503
+    assert answer.headers["Retry-After"] == "1"
+    assert picture(job_id) == before
