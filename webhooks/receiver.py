@@ -17,6 +17,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, request
@@ -99,15 +100,21 @@ def job_webhook(provider_name: str, job_id: str) -> ResponseReturnValue:
         job = jobs.read_row(session, job_uuid)
         if job is None or job.provider != provider.name:
             return _error(404, "unknown job")
-        if not secret_matches(
-            request.headers.get(provider.webhook_secret_header), job.webhook_secret_hash
-        ):
-            log.warning("webhook for job %s: missing or wrong secret", job.id)
-            return _error(401, "missing or wrong secret")
+        given = request.headers.get(provider.webhook_secret_header)
+
+        def signed(current: Job) -> None:
+            if not secret_matches(given, current.webhook_secret_hash):
+                log.warning("webhook for job %s: missing or wrong secret", current.id)
+                raise Refused(401, "missing or wrong secret")
+
+        try:
+            signed(job)
+        except Refused as refused:
+            return _error(refused.status, refused.message)
         state = _parse(provider)
         if not isinstance(state, UpstreamState):
             return state
-        return _apply(session, job, provider, state)
+        return _apply(session, job, provider, state, signed)
 
 
 @bp.post("/<provider_name>")
@@ -134,17 +141,40 @@ def global_webhook(provider_name: str) -> ResponseReturnValue:
         return _apply(session, job, provider, state)
 
 
+class Refused(Exception):
+    """A check of the delivery failed on the row as (re-)read: answer ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def _apply(
-    session: Session, job: Job, provider: Provider, state: UpstreamState
+    session: Session,
+    job: Job,
+    provider: Provider,
+    state: UpstreamState,
+    signed: Callable[[Job], None] | None = None,
 ) -> ResponseReturnValue:
-    # A webhook names its task: one for another task, or for none while the job
-    # follows one, does not belong to this job.
-    if foreign_task(job, state) or (job.upstream_task_id and not state.upstream_task_id):
-        return _error(409, "task id does not match this job")
+    def admits(current: Job) -> None:
+        """The delivery's checks, run on the row as read and again on every re-read."""
+        if signed is not None:
+            signed(current)  # a new claim meanwhile brings a new secret
+        # A webhook names its task: one for another task, or for none while the job
+        # follows one, does not belong to this job.
+        if foreign_task(current, state) or (
+            current.upstream_task_id and not state.upstream_task_id
+        ):
+            raise Refused(409, "task id does not match this job")
+
     plan = PollPlan.of(runtime().settings, provider.webhook_grace)
     job_id = job.id
     try:
-        result = jobs.accept_webhook(session, job, state, plan, guarded=True)
+        admits(job)
+        result = jobs.accept_webhook(session, job, state, plan, guarded=True, verify=admits)
+    except Refused as refused:
+        return _error(refused.status, refused.message)
     except jobs.TaskIdTaken:
         session.rollback()
         return _error(409, "task id belongs to another job")

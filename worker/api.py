@@ -24,6 +24,7 @@ from worker import jobs
 from worker import runtime as runtimes
 from worker.celery_app import build_runtime, send_submit
 from worker.config import get_settings
+from worker.db import retry_dropped
 from worker.errors import InvalidInput, JobNotFound
 from worker.images import ImageInput, resolve_image
 from worker.models import Job, JobEvent, utcnow
@@ -199,10 +200,13 @@ def submit_variation(
         if stored_image is not None
         else None
     )
-    try:
+    job_id = uuid.uuid4()  # ours before the first try: a second one cannot make a second job
+
+    def create() -> tuple[Job, JobEvent]:
         with rt.autocommit() as session:  # on PostgreSQL, one statement: no BEGIN/COMMIT
-            job, accepted = jobs.create_job(
+            return jobs.create_job(
                 session,
+                job_id=job_id,
                 provider=provider,
                 params=clean,
                 deadline=due,
@@ -212,7 +216,15 @@ def submit_variation(
                 image=image_row,
                 now=now,
             )
+
+    try:
+        job, accepted = retry_dropped(create)
     except IntegrityError:
+        # The first try was written but its answer lost with the connection: it is ours.
+        mine = _by_id(rt, job_id)
+        if mine is not None:
+            send_submit(job_id, provider)
+            return mine
         # Another caller inserted the same idempotency key first: theirs wins.
         if idempotency_key is None:
             raise
@@ -228,11 +240,10 @@ def submit_variation(
 
 def get_job(job_id: uuid.UUID | str, *, runtime: Runtime | None = None) -> JobInfo:
     job_uuid = _as_uuid(job_id)
-    with (runtime or _runtime()).session() as session:
-        job = session.get(Job, job_uuid)
-        if job is None:
-            raise JobNotFound(job_id)
-        return _snapshot(session, job)
+    found = retry_dropped(lambda: _by_id(runtime or _runtime(), job_uuid))
+    if found is None:
+        raise JobNotFound(job_id)
+    return found
 
 
 def list_jobs(
@@ -265,11 +276,15 @@ def cancel_job(
     best-effort basis (by a worker, in finalize_job). A terminal job is left as it is."""
     rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
-    with rt.session() as session:
-        job = jobs.lock_job(session, job_uuid)
-        if job is None:
-            raise JobNotFound(job_id)
-        jobs.cancel(session, job, reason)
+
+    def cancel() -> None:  # a transaction: when it fails nothing was written, so again
+        with rt.session() as session:
+            job = jobs.lock_job(session, job_uuid)
+            if job is None:
+                raise JobNotFound(job_id)
+            jobs.cancel(session, job, reason)
+
+    retry_dropped(cancel)
     return get_job(job_uuid, runtime=rt)
 
 
@@ -295,6 +310,12 @@ def wait(
         if time.monotonic() >= deadline:
             raise TimeoutError(f"job {job_uuid} still {status} after {timeout:g}s")
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def _by_id(rt: Runtime, job_id: uuid.UUID) -> JobInfo | None:
+    with rt.session() as session:
+        job = session.get(Job, job_id)
+        return _snapshot(session, job) if job is not None else None
 
 
 def _by_idempotency_key(

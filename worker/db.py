@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.hooks import AFTER_THE_END_KEY, AfterTheEnd, Consumer, install
+from worker.hooks import (
+    AFTER_THE_END_KEY,
+    AfterTheEnd,
+    Consumer,
+    committed_anyway,
+    hand_over,
+    install,
+)
+
+T = TypeVar("T")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -64,6 +73,7 @@ class Database:
         after_the_end: AfterTheEnd | None = None,
     ) -> None:
         self.url = url
+        self._consumers = tuple(consumers)
         self.engine = make_engine(url)
         info = {AFTER_THE_END_KEY: after_the_end} if after_the_end is not None else {}
         self._factory = sessionmaker(bind=self.engine, expire_on_commit=False, info=info)
@@ -110,7 +120,11 @@ class Database:
                 yield session
                 session.commit()
             except BaseException:
+                # What was written is committed (statement by statement): the jobs it
+                # ended are handed over even though the unit of work failed later.
+                ended = committed_anyway(session)
                 session.rollback()
+                hand_over(ended, self._consumers)
                 raise
             finally:
                 session.close()
@@ -132,3 +146,21 @@ def is_unavailable(exc: BaseException) -> bool:
 
 def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
+
+
+def retry_dropped(work: Callable[[], T], attempts: int = 2) -> T:
+    """Run a unit of work, once more if the database connection was dropped.
+
+    There is no ping per checkout: after a database restart or failover, the
+    first use of each pooled connection fails, and SQLAlchemy then replaces the
+    whole pool. For work that is safe to repeat (a read, a transaction that was
+    rolled back, an idempotent write, a create deduplicated by its own id),
+    trying again at once on a fresh connection hides that from the caller.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return work()
+        except DBAPIError as exc:
+            if attempt == attempts or not exc.connection_invalidated:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -26,7 +26,7 @@ from standardwebhooks.webhooks import Webhook
 from worker import jobs
 from worker.backoff import Backoff
 from worker.config import Settings
-from worker.db import Database
+from worker.db import Database, retry_dropped
 from worker.errors import ErrorCode, UpstreamError, VariflowError
 from worker.models import Job, utcnow
 from worker.outbound import Outbound, OutboundRefused, Resolver, describe
@@ -191,8 +191,7 @@ def finalize(
     did something writes it in a transaction of its own.
     """
     settings, db = runtime.settings, runtime.db
-    with db.session() as session:
-        job = session.get(Job, job_id)
+    job = retry_dropped(lambda: _read(db, job_id))
     if job is None:
         return None
     # Here rather than in a message of its own: finalize_job is re-sent by the
@@ -203,10 +202,14 @@ def finalize(
     _send_on_complete(job, settings, db, send_task)
     notified = _notify(job, settings, runtime.http, db)
     if notified is not None:
-        with db.session() as session:
-            if notified:
-                jobs.record_notified(session, job_id, notified)
-            jobs.record_finalized(session, job_id)
+
+        def record() -> None:  # idempotent: written again if the connection was dropped
+            with db.session() as session:
+                if notified:
+                    jobs.record_notified(session, job_id, notified)
+                jobs.record_finalized(session, job_id)
+
+        retry_dropped(record)  # else Celery's retry would notify a second time
         return None
     ended = job.completed_at
     if ended is None or (utcnow() - ended).total_seconds() > settings.notify_retry_for:
@@ -289,8 +292,12 @@ def _send_on_complete(job: Job, settings: Settings, db: Database, send_task: Sen
         {"status": job.status, "provider": job.provider},
         settings.on_complete_queue,
     )
-    with db.session() as session:
-        jobs.record_on_complete_sent(session, job.id, name)
+
+    def record() -> None:  # idempotent: written again if the connection was dropped
+        with db.session() as session:
+            jobs.record_on_complete_sent(session, job.id, name)
+
+    retry_dropped(record)  # else Celery's retry would send the task a second time
 
 
 def stop_upstream_task(
@@ -319,6 +326,11 @@ def stop_upstream_task(
         )
     with runtime.session() as session:
         jobs.note(session, job_id, Source.CANCEL, f"upstream task {task_id}: {note}")
+
+
+def _read(db: Database, job_id: uuid.UUID) -> Job | None:
+    with db.session() as session:
+        return session.get(Job, job_id)
 
 
 def _ended_unwanted(job: Job) -> bool:

@@ -25,7 +25,16 @@ AFTER_THE_END_KEY = "variflow_after_the_end"
 
 Consumer = Callable[[TerminalJob], None]
 
-__all__ = ["AfterTheEnd", "Consumer", "TerminalJob", "after_the_end", "install", "note_terminal"]
+__all__ = [
+    "AfterTheEnd",
+    "Consumer",
+    "TerminalJob",
+    "after_the_end",
+    "committed_anyway",
+    "hand_over",
+    "install",
+    "note_terminal",
+]
 
 
 @dataclass(frozen=True)
@@ -77,15 +86,27 @@ def install(factory: sessionmaker[Session], consumers: Sequence[Consumer]) -> No
     chosen = tuple(consumers)
 
     def after_commit(session: Session) -> None:
-        for job in session.info.pop(PENDING_KEY, []):
-            for consumer in chosen:
-                try:
-                    consumer(job)
-                except Exception:  # one broken consumer must not hide the others
-                    log.exception("terminal consumer %s failed for job %s", consumer, job.job_id)
+        hand_over(session.info.pop(PENDING_KEY, []), chosen)
 
     def after_rollback(session: Session, _transaction: object) -> None:
         session.info.pop(PENDING_KEY, None)
 
     event.listen(factory, "after_commit", after_commit)
     event.listen(factory, "after_soft_rollback", after_rollback)
+
+
+def hand_over(ended: Sequence[TerminalJob], consumers: Sequence[Consumer]) -> None:
+    """Tell ``consumers`` about jobs whose terminal state is committed."""
+    for job in ended:
+        for consumer in consumers:
+            try:
+                consumer(job)
+            except Exception:  # one broken consumer must not hide the others
+                log.exception("terminal consumer %s failed for job %s", consumer, job.job_id)
+
+
+def committed_anyway(session: Session) -> list[TerminalJob]:
+    """The terminal jobs noted in an autocommit session, whose writes are committed
+    already (each statement commits itself), taken before a rollback forgets them."""
+    ended: list[TerminalJob] = session.info.pop(PENDING_KEY, [])
+    return ended

@@ -116,16 +116,6 @@ def read_by_task(session: Session, provider: str, upstream_task_id: str) -> Job 
     return Job(**row._mapping) if row is not None else None
 
 
-def lock_by_task(session: Session, provider: str, upstream_task_id: str) -> Job | None:
-    """The job following a provider's task, locked, as a detached copy (see :func:`lock_row`)."""
-    row = session.execute(
-        select(JOBS)
-        .where(JOBS.c.provider == provider, JOBS.c.upstream_task_id == upstream_task_id)
-        .with_for_update()
-    ).first()
-    return Job(**row._mapping) if row is not None else None
-
-
 # --- the next poll -----------------------------------------------------------------------
 
 
@@ -213,13 +203,15 @@ def _apply(
     record_duplicates: bool = True,
     also: Also | None = None,
     guarded: bool = False,
+    also_guard: Sequence[str] = (),
 ) -> tuple[Transition, bool]:
     """Decide, then write the columns and the event in one statement: the transition
     and whether it was written.
 
     ``guarded``: the caller read ``job`` without a lock; the write happens only if
-    what the transition decided from (:data:`DECIDED_FROM`) is still what it read
-    — optimistic concurrency, so that no transaction has to hold a lock.
+    what the transition decided from (:data:`DECIDED_FROM`, and ``also_guard``:
+    what the caller checked) is still what it read — optimistic concurrency, so
+    that no transaction has to hold a lock.
     """
     result = transition(job, update, now)
     changes = dict(result.changes)
@@ -246,7 +238,8 @@ def _apply(
             dict(event.payload) if event.payload else None,
         )
     # An event-only write (an ignored update) needs no guard: it changes no column.
-    guard = {name: getattr(job, name) for name in DECIDED_FROM} if guarded and changes else None
+    guarded_columns = (*DECIDED_FROM, *also_guard)
+    guard = {name: getattr(job, name) for name in guarded_columns} if guarded and changes else None
     if not _write(session, job, changes, row, guard):
         return result, False
     if result.became_terminal:
@@ -480,15 +473,18 @@ def create_job(
     on_complete_task: str | None = None,
     image: NewInput | None = None,
     now: datetime | None = None,
+    job_id: uuid.UUID | None = None,
 ) -> tuple[Job, JobEvent]:
     """A queued job, its input image and its first event (the caller commits).
 
     One statement on PostgreSQL. Returns the job and that event as written, so
-    the caller needs no read-back (neither is attached to the session).
+    the caller needs no read-back (neither is attached to the session). The
+    caller may choose the ``job_id``: writing it again after a lost answer then
+    meets the primary key instead of making a second job.
     """
     now = now or utcnow()
     job = Job(
-        id=uuid.uuid4(),
+        id=job_id or uuid.uuid4(),
         provider=provider,
         status=JobStatus.QUEUED.value,
         params=params,
@@ -815,14 +811,18 @@ def accept_webhook(
     now: datetime | None = None,
     *,
     guarded: bool = False,
+    verify: Callable[[Job], None] | None = None,
 ) -> Transition:
     """A verified webhook for a job: apply it, and poll only if the next one is late.
 
     The caller has locked ``job``, or read it without a lock (``guarded``, in an
     autocommit session: :meth:`worker.db.Database.autocommit`): then the write
     happens only if the row still holds what the transition decided from, and
-    on a change the row is read again and the webhook decided anew
-    (:class:`RowBusy` after :data:`GUARDED_ATTEMPTS`). ``job`` ends up as written.
+    on a change the row is read again, checked again by ``verify`` (the caller's
+    own checks, e.g. the secret: it raises to refuse) and the webhook decided
+    anew (:class:`RowBusy` after :data:`GUARDED_ATTEMPTS`). The webhook secret's
+    hash is guarded too: a new claim (a new secret) meanwhile is seen.
+    ``job`` ends up as written.
 
     :class:`TaskIdTaken` when it would give the job a task id another job of
     its provider follows: a task belongs to one job (the unique constraint on
@@ -833,7 +833,10 @@ def accept_webhook(
     adopting = bool(state.upstream_task_id) and not job.upstream_task_id and not job.is_terminal
     try:
         if guarded:
-            return _apply_guarded(session, job, state, now, _webhook_schedule(job, plan, now))
+            schedule = _webhook_schedule(job, plan, now)
+            return _apply_guarded(
+                session, job, state, now, schedule, ("webhook_secret_hash",), verify
+            )
         return _apply(session, job, state, now, also=_webhook_schedule(job, plan, now))[0]
     except IntegrityError as exc:
         if adopting and _names_task_id(exc):
@@ -842,13 +845,21 @@ def accept_webhook(
 
 
 def _apply_guarded(
-    session: Session, job: Job, update: UpstreamState, now: datetime, also: Also
+    session: Session,
+    job: Job,
+    update: UpstreamState,
+    now: datetime,
+    also: Also,
+    also_guard: Sequence[str] = (),
+    verify: Callable[[Job], None] | None = None,
 ) -> Transition:
     """:func:`_apply` to a row read without a lock: written only if what the transition
     decided from is unchanged; otherwise read again and decided anew. ``job`` ends up
     as written. :class:`RowBusy` after :data:`GUARDED_ATTEMPTS` changes in a row."""
     for _ in range(GUARDED_ATTEMPTS):
-        result, written = _apply(session, job, update, now, also=also, guarded=True)
+        result, written = _apply(
+            session, job, update, now, also=also, guarded=True, also_guard=also_guard
+        )
         if written:
             return result
         fresh = read_row(session, job.id)
@@ -856,6 +867,8 @@ def _apply_guarded(
             break  # deleted meanwhile
         for column in JOBS.c:
             set_committed_value(job, column.key, getattr(fresh, column.key))
+        if verify is not None:
+            verify(job)
     raise RowBusy(job.id)
 
 

@@ -278,3 +278,42 @@ def test_an_answer_the_database_refuses_fails_the_job_naming_the_task(
     assert done.error_code == "upstream_error"
     assert "could not be stored" in (done.error_message or "")
     assert "tttt" in (done.error_message or "")
+
+
+@pytest.fixture
+def quick_sandbox(configure: Configure) -> Iterator[SandboxServer]:
+    """A sandbox whose tasks end at once (LemonData's create then answers at once)."""
+    with SandboxServer(
+        config=SandboxConfig(pending_seconds=0.01, processing_seconds=0.01)
+    ) as server:
+        configure(
+            public_url="http://127.0.0.1:9",
+            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(server.url).items()},
+        )
+        yield server
+
+
+def test_the_claim_marks_the_create_only_when_nothing_is_downloaded_first(
+    pg_url: str, quick_sandbox: SandboxServer
+) -> None:
+    sandbox = quick_sandbox
+    # The submit flow's claim: for a provider that takes the stored input as is, the
+    # create follows at once, so the claim marks it (one write, not two) ...
+    piclaza = submit_variation("piclaza", image=png_bytes(32, 32))
+    claim = worker.submit.claim_for_submit(piclaza.id, current(), mark_create=True)
+    assert claim is not None and claim.row.create_started_at is not None
+    with session_scope() as session:  # ... and it is never marked (or sent) again
+        assert not jobs.mark_create_started(session, piclaza.id, claim.token, utcnow())
+    # A provider that needs the image bytes may download first: marked separately.
+    lemondata = submit_variation("lemondata", image=png_bytes(32, 32), n=1, size="256x256")
+    other = worker.submit.claim_for_submit(lemondata.id, current(), mark_create=True)
+    assert other is not None and other.row.create_started_at is None
+    # Both holders died before their create. The marked job is never sent again (the
+    # sweep settles it); the other one is submitted by the next worker.
+    for job in (piclaza, lemondata):
+        expire_claim(job.id)
+        assert submit(job.id, current()) == worker.submit.NOTHING_TO_DO
+    creates = sandbox.state.stats()["creates"]
+    assert (creates["piclaza"], creates["lemondata"]) == (0, 1)
+    assert get_job(lemondata.id).status == "completed"
+    assert get_job(piclaza.id).status == "queued"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import String, create_engine
+from sqlalchemy import String, create_engine, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
@@ -41,6 +41,7 @@ from worker.providers import piapi
 from worker.runtime import current, session_scope
 from worker.status import JobStatus, Source, UpstreamState
 from worker.upstream_text import MAX_ERROR_CODE, MAX_TASK_ID, REPLACEMENT
+from worker.webhook_secrets import hash_secret
 
 NON_FINITE = ["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]
 UNSTORABLE = ["\x00", "\ud800", "\udfff"]  # NUL, lone high and lone low surrogates
@@ -505,4 +506,30 @@ def test_a_row_that_keeps_changing_is_503_and_nothing_is_written(
     answer = post(client, job_id, raw_json(envelope("processing", "t-busy", progress=20)))
     assert answer.status_code == 503
     assert answer.headers["Retry-After"] == "1"
+    assert picture(job_id) == before
+
+
+def test_a_new_secret_meanwhile_refuses_a_delivery_read_before_it(client: FlaskClient) -> None:
+    # The row was read (and the old secret matched); then a new claim gave the job a
+    # new secret. The guarded write sees the change, the checks run again and refuse.
+    job_id = insert_job(upstream_task_id="t-s", status="submitted")
+    state = UpstreamState(JobStatus.PROCESSING, Source.WEBHOOK, progress=30, upstream_task_id="t-s")
+    plan = jobs.PollPlan.of(current().settings, 120.0)
+    with current().autocommit() as session:
+        stale = jobs.read_row(session, job_id)
+    assert stale is not None
+    with session_scope() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id).values(webhook_secret_hash=hash_secret("new"))
+        )
+    before = picture(job_id)
+    seen: list[str | None] = []
+
+    def verify(job: Job) -> None:
+        seen.append(job.webhook_secret_hash)
+        raise PermissionError("the secret changed")
+
+    with pytest.raises(PermissionError), current().autocommit() as session:
+        jobs.accept_webhook(session, stale, state, plan, guarded=True, verify=verify)
+    assert seen == [hash_secret("new")]
     assert picture(job_id) == before
