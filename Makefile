@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py
 	$(BIN)/python bench/poll_sweep.py
 	$(BIN)/python bench/job_cost.py
+	$(BIN)/python bench/submit_rate.py
 	$(BIN)/python bench/e2e_throughput.py
 
 # The fault run (not part of `make test`): its own PostgreSQL and Redis, several minutes.
