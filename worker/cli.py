@@ -199,7 +199,7 @@ def _reason(exc: BaseException) -> str:
     return reason.replace(str(password), "***") if password else reason
 
 
-def _require_database() -> None:
+def _require_database(tables: tuple[str, ...] = VARIFLOW_TABLES) -> None:
     """Stop with one line unless the database is there with variflow's tables.
 
     Runs before the API builds anything, so that a job command never creates a
@@ -232,7 +232,7 @@ def _require_database() -> None:
         try:
             with engine.connect() as connection:
                 inspector = inspect(connection)
-                missing = [t for t in VARIFLOW_TABLES if not inspector.has_table(t)]
+                missing = [t for t in tables if not inspector.has_table(t)]
         finally:
             engine.dispose()
     except (SQLAlchemyError, ImportError) as exc:
@@ -376,6 +376,70 @@ def list_jobs(
             f"{job.id!s:36}  {job.provider:9}  {job.status:10}  {job.progress:>3}  "
             f"{job.created_at:%Y-%m-%d %H:%M:%S}  {job.error_code or ''}"
         )
+
+
+@cli.group()
+def tokens() -> None:
+    """Bearer tokens of the HTTP API (only their hashes are stored)."""
+
+
+def _tokens_session() -> Any:
+    from worker import runtime as runtimes
+    from worker.celery_app import build_runtime
+
+    _require_database((*VARIFLOW_TABLES, "api_tokens"))
+    return runtimes.ensure(lambda: build_runtime(_settings())).session()
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--tenant", help="Whose jobs it sees and creates. Default: NAME.")
+@click.option("--admin", is_flag=True, help="It sees every tenant's jobs.")
+def tokens_create(name: str, tenant: str | None, admin: bool) -> None:
+    """Issue a token; its secret is printed once, here, and never again."""
+    from worker import tokens as api_tokens
+    from worker.errors import InvalidInput
+
+    try:
+        with _tokens_session() as session:
+            info, secret = api_tokens.issue(session, name, tenant, admin=admin)
+    except InvalidInput as exc:
+        raise click.BadParameter(exc.message, param_hint=exc.field.upper()) from None
+    click.echo(secret)
+    click.echo(
+        f"token {info.name!r} for tenant {info.tenant!r}{' (admin)' if info.admin else ''}: "
+        "keep the line above, it is not stored",
+        err=True,
+    )
+
+
+@tokens.command("list")
+def tokens_list() -> None:
+    """Every token: name, tenant, admin, created, revoked (never a secret)."""
+    from worker import tokens as api_tokens
+
+    with _tokens_session() as session:
+        listed = api_tokens.listed(session)
+    for info in listed:
+        revoked = f"revoked {info.revoked_at:%Y-%m-%d %H:%M:%S}" if info.revoked_at else "active"
+        admin = "admin" if info.admin else "-"
+        click.echo(
+            f"{info.name}\t{info.tenant}\t{admin}\t{info.created_at:%Y-%m-%d %H:%M:%S}\t{revoked}"
+        )
+
+
+@tokens.command("revoke")
+@click.argument("name")
+def tokens_revoke(name: str) -> None:
+    """Revoke a token at once (its name is not reused)."""
+    from worker import tokens as api_tokens
+
+    try:
+        with _tokens_session() as session:
+            info = api_tokens.revoke(session, name)
+    except api_tokens.TokenNotFound as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    click.echo(f"{info.name}  revoked")
 
 
 @cli.command()

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -181,3 +182,24 @@ class JobEvent(Base):
 
     def __repr__(self) -> str:
         return f"<JobEvent {self.source} {self.kind} {self.from_status}->{self.to_status}>"
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP API: only the SHA-256 of its secret is kept.
+
+    A token acts for its ``tenant`` (whose jobs it sees); an ``admin`` token sees
+    every tenant's. Named so that an operator can list and revoke it.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"<ApiToken {self.name} tenant={self.tenant}{' admin' if self.admin else ''}>"
