@@ -31,6 +31,7 @@ from worker.models import Job, JobEvent, utcnow
 from worker.outbound import OutboundRefused, UnresolvableHost, check_url
 from worker.runtime import Runtime
 from worker.states import JobStatus
+from worker.tokens import check_name
 from worker.validation import (
     MAX_NAME_CHARS,
     MAX_PROVIDER_CHARS,
@@ -94,6 +95,7 @@ class JobInfo:
     submitted_at: datetime | None
     completed_at: datetime | None
     events: tuple[EventInfo, ...] = ()
+    tenant: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -118,6 +120,7 @@ class JobInfo:
             updated_at=job.updated_at,
             submitted_at=job.submitted_at,
             completed_at=job.completed_at,
+            tenant=job.tenant,
             events=tuple(
                 EventInfo(e.at, e.source, e.kind, e.from_status, e.to_status, e.message)
                 for e in events or []
@@ -133,6 +136,7 @@ def submit_variation(
     deadline: datetime | timedelta | float | None = None,
     notify_url: str | None = None,
     on_complete_task: str | None = None,
+    tenant: str | None = None,
     runtime: Runtime | None = None,
     **params: Any,
 ) -> JobInfo:
@@ -142,6 +146,9 @@ def submit_variation(
     are stored with the job, never put in a broker message. Raises InvalidInput
     (a ValueError) naming the wrong field; nothing is stored then. The same
     ``idempotency_key`` returns the job it first created.
+
+    ``tenant`` names whose job it is (as an API token's tenant does; see
+    ``variflow tokens``); the same idempotency key with another tenant is refused.
 
     When the job ends, variflow sends ``on_complete_task`` (a Celery task name;
     default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
@@ -158,6 +165,8 @@ def submit_variation(
             f"unknown provider {describe(provider)} (known: {', '.join(rt.providers.enabled)})",
         )
     adapter = rt.providers.for_new_job(provider)
+    if tenant is not None:
+        check_name("tenant", tenant)
     stored_image = None
     if image is not None:
         if "image_url" in params:
@@ -192,7 +201,7 @@ def submit_variation(
         text("on_complete_task", on_complete_task, max_chars=MAX_TASK_NAME)
 
     if idempotency_key is not None:
-        existing = _by_idempotency_key(rt, idempotency_key, provider, clean)
+        existing = _by_idempotency_key(rt, idempotency_key, provider, clean, tenant)
         if existing is not None:
             return existing
     image_row = (
@@ -211,6 +220,7 @@ def submit_variation(
                 params=clean,
                 deadline=due,
                 idempotency_key=idempotency_key,
+                tenant=tenant,
                 notify_url=notify_url,
                 on_complete_task=on_complete_task,
                 image=image_row,
@@ -228,7 +238,7 @@ def submit_variation(
         # Another caller inserted the same idempotency key first: theirs wins.
         if idempotency_key is None:
             raise
-        existing = _by_idempotency_key(rt, idempotency_key, provider, clean)
+        existing = _by_idempotency_key(rt, idempotency_key, provider, clean, tenant)
         if existing is None:
             raise
         return existing
@@ -319,13 +329,13 @@ def _by_id(rt: Runtime, job_id: uuid.UUID) -> JobInfo | None:
 
 
 def _by_idempotency_key(
-    rt: Runtime, key: str, provider: str, params: dict[str, Any]
+    rt: Runtime, key: str, provider: str, params: dict[str, Any], tenant: str | None
 ) -> JobInfo | None:
     with rt.session() as session:
         job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
         if job is None:
             return None
-        if job.provider != provider or job.params != params:
+        if job.provider != provider or job.params != params or job.tenant != tenant:
             raise InvalidInput(
                 "idempotency_key",
                 f"{key!r} was already used for a different request (job {job.id})",

@@ -474,6 +474,7 @@ def create_job(
     image: NewInput | None = None,
     now: datetime | None = None,
     job_id: uuid.UUID | None = None,
+    tenant: str | None = None,
 ) -> tuple[Job, JobEvent]:
     """A queued job, its input image and its first event (the caller commits).
 
@@ -495,6 +496,7 @@ def create_job(
         deadline=deadline,
         notify_url=notify_url,
         on_complete_task=on_complete_task,
+        tenant=tenant,
         created_at=now,
         updated_at=now,
     )

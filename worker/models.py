@@ -93,6 +93,8 @@ class Job(Base):
             sqlite_where=DUE_CONDITION,
         ),
         Index("ix_jobs_status_created_at", "status", "created_at"),
+        # A tenant's jobs, newest first (the HTTP API's listing).
+        Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
         # The sweep's overdue query.
         Index("ix_jobs_status_deadline", "status", "deadline"),
     )
@@ -130,6 +132,8 @@ class Job(Base):
     archived_urls: Mapped[list[str] | None] = mapped_column(JSONType)
     notify_url: Mapped[str | None] = mapped_column(String(2048))
     on_complete_task: Mapped[str | None] = mapped_column(String(255))
+    # Whose job it is (an API token's tenant; None: submitted in-process without one).
+    tenant: Mapped[str | None] = mapped_column(String(64))
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     on_complete_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

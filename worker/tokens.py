@@ -46,6 +46,12 @@ class TokenInfo:
         return cls(token.name, token.tenant, token.admin, token.created_at, token.revoked_at)
 
 
+def check_name(field: str, value: object) -> None:
+    """A token's name or a tenant: plain enough for URLs, logs and the dashboard."""
+    if not isinstance(value, str) or not NAME.match(value):
+        raise InvalidInput(field, "1 to 64 letters, digits, '.', '_' or '-', not first")
+
+
 def secret_hash(secret: str) -> str:
     # 256 random bits: a plain SHA-256 is enough (there is nothing to guess slowly).
     return hashlib.sha256(secret.encode()).hexdigest()
@@ -57,9 +63,8 @@ def issue(
     """A new token named ``name`` for ``tenant`` (default: its name) and its secret,
     which is not stored and cannot be shown again."""
     tenant = name if tenant is None else tenant
-    for field, value in (("name", name), ("tenant", tenant)):
-        if not isinstance(value, str) or not NAME.match(value):
-            raise InvalidInput(field, "1 to 64 letters, digits, '.', '_' or '-', not first")
+    check_name("name", name)
+    check_name("tenant", tenant)
     if session.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
         raise InvalidInput("name", f"a token named {name!r} exists (names are never reused)")
     secret = PREFIX + secrets.token_urlsafe(32)

@@ -248,3 +248,30 @@ def test_wait_on_a_queued_job_times_out() -> None:
     assert str(job.id) in str(info.value)
     assert "queued" in str(info.value)
     assert get_job(job.id).status is JobStatus.QUEUED
+
+
+# --- tenants -------------------------------------------------------------------------------
+
+
+def test_a_job_may_name_its_tenant() -> None:
+    job = submit(tenant="shop")
+    assert job.tenant == "shop"
+    assert get_job(job.id).tenant == "shop"
+    assert submit().tenant is None  # in-process, without a tenant
+
+
+@pytest.mark.parametrize("tenant", ["", "-lead", "has space", "x" * 65, "t\x00", 7])
+def test_a_bad_tenant_names_the_field_and_stores_nothing(tenant: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        submit(tenant=tenant)
+    assert str(info.value).startswith("tenant:")
+    assert counts() == (0, 0)
+
+
+def test_an_idempotency_key_of_another_tenant_is_refused() -> None:
+    first = submit(idempotency_key="order-45", tenant="shop")
+    assert submit(idempotency_key="order-45", tenant="shop").id == first.id
+    with pytest.raises(ValueError) as info:
+        submit(idempotency_key="order-45", tenant="other")
+    assert str(info.value).startswith("idempotency_key:")
+    assert counts() == (1, 1)
