@@ -34,7 +34,6 @@ import argparse
 import io
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -43,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-from _db import create_database, drop_database
+from _inprocess import in_process
 from celery.signals import before_task_publish
 from PIL import Image
 from sqlalchemy import Engine, create_engine, event, func, select
@@ -53,14 +52,9 @@ from werkzeug.serving import make_server
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from webhooks import create_app
-from worker import runtime as runtimes
 from worker.api import submit_variation
-from worker.celery_app import app as celery
-from worker.celery_app import build_runtime, reconfigure
-from worker.config import load_settings
 from worker.devstack import free_port, sandbox_env
 from worker.finalize import finalize
-from worker.migrate import upgrade
 from worker.models import Job
 from worker.polling import lease_due, poll_jobs
 from worker.runtime import Runtime
@@ -211,82 +205,69 @@ def main() -> None:
     parser.add_argument("--piclaza-batch", type=int, default=50)
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    name = f"variflow_cost_{os.getpid()}"
-    url = create_database(ADMIN_URL, name).render_as_string(hide_password=False)
-    queue = f"variflow_cost_{os.getpid()}"
     sandbox = SandboxServer(config=SandboxConfig(pending_seconds=0.05, processing_seconds=0.1))
     sandbox.start()
     web_port = free_port()
-    os.environ.update(
-        {
-            "VARIFLOW_HOME": tempfile.mkdtemp(prefix="variflow-cost-"),
-            "VARIFLOW_DATABASE_URL": url,
-            "VARIFLOW_BROKER_URL": REDIS_URL,
-            "VARIFLOW_QUEUE": queue,
-            "VARIFLOW_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
-            "VARIFLOW_RESULT_STORE": "off",
-            "VARIFLOW_POLL_BACKOFF_START": "0.1",
-            "VARIFLOW_PIAPI_WEBHOOK_GRACE": "60",
-            "VARIFLOW_LOG_LEVEL": "WARNING",
-            **sandbox_env(sandbox.url),
-        }
-    )
+    env = {
+        "VARIFLOW_PUBLIC_URL": f"http://127.0.0.1:{web_port}",
+        "VARIFLOW_RESULT_STORE": "off",
+        "VARIFLOW_POLL_BACKOFF_START": "0.1",
+        "VARIFLOW_PIAPI_WEBHOOK_GRACE": "60",
+        **sandbox_env(sandbox.url),
+    }
     server = None
     try:
-        upgrade(url)
-        settings = load_settings()
-        rt = runtimes.install(build_runtime(settings))
-        reconfigure(settings)
-        server = make_server("127.0.0.1", web_port, create_app(runtime=rt), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        observer = create_engine(url, poolclass=NullPool)
-        tally = Tally()
-        count(rt, tally)
-        image = png()
-        makers: dict[str, tuple[int, Callable[[int], Any]]] = {
-            "piapi": (
-                1,
-                lambda i: submit_variation(
-                    "piapi", runtime=rt, origin_task_id=f"o-{i}", index="1", prompt="cost"
-                ),
-            ),
-            "piclaza": (
-                args.piclaza_batch,
-                lambda i: submit_variation("piclaza", runtime=rt, image=image),
-            ),
-            "lemondata": (
-                1,
-                lambda i: submit_variation(
-                    "lemondata", runtime=rt, image=image, n=1, size="256x256"
-                ),
-            ),
-        }
-        load = os.getloadavg()
-        print(f"job cost on PostgreSQL + Redis; load average {load[0]:.2f} {load[1]:.2f}")
-        for provider, (n, make) in makers.items():
-            tally.reset()
-            before = http_requests(sandbox)
-            run_jobs(rt, provider, n, make, observer, tally)
-            # PiAPI's last webhook may still be answering: let the web thread finish.
-            time.sleep(0.2)
-            http = http_requests(sandbox) - before
-            goal_statements, goal_commits = GOALS[provider]
-            print(
-                f"cost {provider}: statements={tally.statements / n:.1f} "
-                f"commits={tally.commits / n:.1f} messages={tally.messages / n:.1f} "
-                f"http={http / n:.1f} pings={tally.pings / n:.1f} "
-                f"round_trips={tally.round_trips / n:.1f}"
-                f"  (per job{f', a batch of {n}' if n > 1 else ''}; "
-                f"goal <= {goal_statements} statements, <= {goal_commits} commits)"
-            )
+        with in_process("variflow_cost", env) as (url, rt):
+            server = make_server("127.0.0.1", web_port, create_app(runtime=rt), threaded=True)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            measure(rt, url, args.piclaza_batch, sandbox)
     finally:
         if server is not None:
             server.shutdown()
-        runtimes.uninstall()
         sandbox.stop()
-        with celery.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
-        drop_database(ADMIN_URL, name)
+
+
+def measure(rt: Runtime, url: str, piclaza_batch: int, sandbox: SandboxServer) -> None:
+    """Run and count one job per provider (Piclaza: a batch), printing a line each."""
+    observer = create_engine(url, poolclass=NullPool)
+    tally = Tally()
+    count(rt, tally)
+    image = png()
+    makers: dict[str, tuple[int, Callable[[int], Any]]] = {
+        "piapi": (
+            1,
+            lambda i: submit_variation(
+                "piapi", runtime=rt, origin_task_id=f"o-{i}", index="1", prompt="cost"
+            ),
+        ),
+        "piclaza": (
+            piclaza_batch,
+            lambda i: submit_variation("piclaza", runtime=rt, image=image),
+        ),
+        "lemondata": (
+            1,
+            lambda i: submit_variation("lemondata", runtime=rt, image=image, n=1, size="256x256"),
+        ),
+    }
+    load = os.getloadavg()
+    print(f"job cost on PostgreSQL + Redis; load average {load[0]:.2f} {load[1]:.2f}")
+    for provider, (n, make) in makers.items():
+        tally.reset()
+        before = http_requests(sandbox)
+        run_jobs(rt, provider, n, make, observer, tally)
+        # PiAPI's last webhook may still be answering: let the web thread finish.
+        time.sleep(0.2)
+        http = http_requests(sandbox) - before
+        goal_statements, goal_commits = GOALS[provider]
+        print(
+            f"cost {provider}: statements={tally.statements / n:.1f} "
+            f"commits={tally.commits / n:.1f} messages={tally.messages / n:.1f} "
+            f"http={http / n:.1f} pings={tally.pings / n:.1f} "
+            f"round_trips={tally.round_trips / n:.1f}"
+            f"  (per job{f', a batch of {n}' if n > 1 else ''}; "
+            f"goal <= {goal_statements} statements, <= {goal_commits} commits)"
+        )
+    observer.dispose()
 
 
 if __name__ == "__main__":

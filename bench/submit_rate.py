@@ -22,22 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
-from _db import create_database, drop_database
+from _inprocess import in_process
 from sqlalchemy import Engine, create_engine, insert
 
-from worker import runtime as runtimes
 from worker.api import submit_variation
-from worker.celery_app import SUBMIT_JOB, build_runtime, reconfigure
+from worker.celery_app import SUBMIT_JOB
 from worker.celery_app import app as celery
-from worker.config import load_settings
-from worker.migrate import upgrade
-from worker.models import Job, utcnow
+from worker.jobs import JOBS
+from worker.models import utcnow
 from worker.states import JobStatus
 
 ADMIN_URL = os.environ.get(
@@ -55,7 +52,7 @@ def floor_submit(engine: Engine) -> Callable[[int], None]:
         job_id = uuid.uuid4()
         with engine.begin() as conn:
             conn.execute(
-                insert(Job.__table__).values(
+                insert(JOBS).values(
                     id=job_id,
                     provider="piapi",
                     status=JobStatus.QUEUED.value,
@@ -89,49 +86,35 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls of each, in total")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    name = f"variflow_submit_{os.getpid()}"
-    url = create_database(ADMIN_URL, name).render_as_string(hide_password=False)
-    queue = f"variflow_submit_{os.getpid()}"
-    os.environ.update(
-        {
-            "VARIFLOW_HOME": tempfile.mkdtemp(prefix="variflow-submit-"),
-            "VARIFLOW_DATABASE_URL": url,
-            "VARIFLOW_BROKER_URL": REDIS_URL,
-            "VARIFLOW_QUEUE": queue,
-            "VARIFLOW_LOG_LEVEL": "WARNING",
-        }
+    with in_process("variflow_submit") as (url, _rt):
+        floor_engine = create_engine(url, pool_size=1)
+        try:
+            ours, base, calls, load = compare(floor_submit(floor_engine), args.calls, args.rounds)
+        finally:
+            floor_engine.dispose()
+    print(f"submit rate on PostgreSQL + Redis; load average {load[0]:.2f} {load[1]:.2f}")
+    print(
+        f"submit: submit_variation {ours:.0f}/s vs Core INSERT + commit + apply_async "
+        f"{base:.0f}/s ratio {ours / base:.2f}  (one thread, {calls} calls each; goal >= {GOAL})"
     )
-    floor_engine = create_engine(url, pool_size=1)
-    try:
-        upgrade(url)
-        settings = load_settings()
-        runtimes.install(build_runtime(settings))
-        reconfigure(settings)
-        floor = floor_submit(floor_engine)
-        per_round = max(1, args.calls // args.rounds)
-        # Warm both paths (connections, compiled statements, the broker connection).
-        timed(floor, 0, 50)
-        timed(variflow_submit, 0, 50)
-        spent = {"floor": 0.0, "variflow": 0.0}
-        load = os.getloadavg()
-        for r in range(args.rounds):
-            start = 100 + r * per_round
-            spent["floor"] += timed(floor, start, per_round)
-            spent["variflow"] += timed(variflow_submit, start, per_round)
-        calls = per_round * args.rounds
-        ours, base = calls / spent["variflow"], calls / spent["floor"]
-        print(f"submit rate on PostgreSQL + Redis; load average {load[0]:.2f} {load[1]:.2f}")
-        print(
-            f"submit: submit_variation {ours:.0f}/s vs Core INSERT + commit + apply_async "
-            f"{base:.0f}/s ratio {ours / base:.2f}  (one thread, {calls} calls each; "
-            f"goal >= {GOAL})"
-        )
-    finally:
-        runtimes.uninstall()
-        floor_engine.dispose()
-        with celery.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
-        drop_database(ADMIN_URL, name)
+
+
+def compare(
+    floor: Callable[[int], None], calls: int, rounds: int
+) -> tuple[float, float, int, tuple[float, float, float]]:
+    """Calls per second of submit_variation and of the floor, alternating in rounds."""
+    per_round = max(1, calls // rounds)
+    # Warm both paths (connections, compiled statements, the broker connection).
+    timed(floor, 0, 50)
+    timed(variflow_submit, 0, 50)
+    spent = {"floor": 0.0, "variflow": 0.0}
+    load = os.getloadavg()
+    for r in range(rounds):
+        start = 100 + r * per_round
+        spent["floor"] += timed(floor, start, per_round)
+        spent["variflow"] += timed(variflow_submit, start, per_round)
+    done = per_round * rounds
+    return done / spent["variflow"], done / spent["floor"], done, load
 
 
 if __name__ == "__main__":

@@ -157,10 +157,7 @@ def _apply(
     state: UpstreamState,
     signed: Callable[[Job], None] | None = None,
 ) -> ResponseReturnValue:
-    def admits(current: Job) -> None:
-        """The delivery's checks, run on the row as read and again on every re-read."""
-        if signed is not None:
-            signed(current)  # a new claim meanwhile brings a new secret
+    def belongs(current: Job) -> None:
         # A webhook names its task: one for another task, or for none while the job
         # follows one, does not belong to this job.
         if foreign_task(current, state) or (
@@ -168,10 +165,16 @@ def _apply(
         ):
             raise Refused(409, "task id does not match this job")
 
+    def admits(current: Job) -> None:
+        """The delivery's checks again, on a row read anew (the caller signed the first)."""
+        if signed is not None:
+            signed(current)  # a new claim meanwhile brings a new secret
+        belongs(current)
+
     plan = PollPlan.of(runtime().settings, provider.webhook_grace)
     job_id = job.id
     try:
-        admits(job)
+        belongs(job)
         result = jobs.accept_webhook(session, job, state, plan, guarded=True, verify=admits)
     except Refused as refused:
         return _error(refused.status, refused.message)

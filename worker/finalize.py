@@ -27,13 +27,13 @@ from worker import jobs
 from worker.backoff import Backoff
 from worker.config import Settings
 from worker.db import Database, retry_dropped
-from worker.errors import ErrorCode, UpstreamError, VariflowError
+from worker.errors import UpstreamError, VariflowError
 from worker.models import Job, utcnow
 from worker.outbound import Outbound, OutboundRefused, Resolver, describe
 from worker.providers.base import PollTarget
 from worker.results import job_folder
 from worker.runtime import Runtime
-from worker.states import JobStatus, Source
+from worker.states import JobStatus, Source, leaves_task_running
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def finalize(
         return None
     # Here rather than in a message of its own: finalize_job is re-sent by the
     # sweep until it finishes, so a lost message cannot leave a paid task running.
-    if retries == 0 and _ended_unwanted(job):
+    if retries == 0 and leaves_task_running(job.status, job.error_code, job.upstream_task_id):
         stop_upstream_task(job_id, runtime)
     _archive(job, settings, runtime.http, db)
     _send_on_complete(job, settings, db, send_task)
@@ -223,8 +223,7 @@ def finalize(
 
 def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> None:
     """Archive once: skipped when the job has archived URLs already."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
+    job = _read(db, job_id)
     if job is not None:
         _archive(job, settings, client, db)
 
@@ -247,8 +246,7 @@ def _archive(job: Job, settings: Settings, client: httpx.Client, db: Database) -
 
 def notify(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> bool:
     """POST to the job's notify_url; True when done (or nothing to do), False to retry."""
-    with db.session() as session:
-        job = session.get(Job, job_id)
+    job = _read(db, job_id)
     if job is None:
         return True
     notified = _notify(job, settings, client, db)
@@ -331,13 +329,6 @@ def stop_upstream_task(
 def _read(db: Database, job_id: uuid.UUID) -> Job | None:
     with db.session() as session:
         return session.get(Job, job_id)
-
-
-def _ended_unwanted(job: Job) -> bool:
-    """Cancelled or timed out while a task may still run upstream."""
-    return bool(job.upstream_task_id) and (
-        job.status == JobStatus.CANCELLED or job.error_code == ErrorCode.TIMEOUT
-    )
 
 
 def _record(db: Database, job_id: uuid.UUID, message: str) -> None:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
@@ -53,6 +54,7 @@ from worker.states import (
     Source,
     Transition,
     UpstreamState,
+    leaves_task_running,
     transition,
 )
 from worker.status import TerminalJob
@@ -97,22 +99,23 @@ def lock_row(session: Session, job_id: uuid.UUID) -> Job | None:
     paths, which write only through this module's statements (:func:`_write`);
     changing its attributes writes nothing.
     """
-    row = session.execute(_LOCK_ROW, {"job_id": job_id}).first()
-    return Job(**row._mapping) if row is not None else None
+    return _detached(session.execute(_LOCK_ROW, {"job_id": job_id}).first())
 
 
 def read_row(session: Session, job_id: uuid.UUID) -> Job | None:
     """The job's row as a detached copy, without a lock: for a guarded write (see
     :func:`accept_webhook`)."""
-    row = session.execute(_READ_ROW, {"job_id": job_id}).first()
-    return Job(**row._mapping) if row is not None else None
+    return _detached(session.execute(_READ_ROW, {"job_id": job_id}).first())
 
 
 def read_by_task(session: Session, provider: str, upstream_task_id: str) -> Job | None:
     """The job following a provider's task, as a detached copy, without a lock."""
-    row = session.execute(
-        select(JOBS).where(JOBS.c.provider == provider, JOBS.c.upstream_task_id == upstream_task_id)
-    ).first()
+    by_task = (JOBS.c.provider == provider, JOBS.c.upstream_task_id == upstream_task_id)
+    return _detached(session.execute(select(JOBS).where(*by_task)).first())
+
+
+def _detached(row: Row[Any] | None) -> Job | None:
+    """A row of ``jobs`` as a Job that no session tracks (written only by _write)."""
     return Job(**row._mapping) if row is not None else None
 
 
@@ -277,15 +280,16 @@ def _nothing_left(
     policy = after_the_end(session)
     if policy is None:
         return False
-    task_id = changes.get("upstream_task_id", job.upstream_task_id)
-    error_code = changes.get("error_code", job.error_code)
     return not policy.work_left(
         status=status.value,
         has_results=bool(changes.get("result_urls", job.result_urls)),
         notify_url=job.notify_url,
         on_complete_task=job.on_complete_task,
-        stop_upstream=bool(task_id)
-        and (status is JobStatus.CANCELLED or error_code == ErrorCode.TIMEOUT),
+        stop_upstream=leaves_task_running(
+            status,
+            changes.get("error_code", job.error_code),
+            changes.get("upstream_task_id", job.upstream_task_id),
+        ),
     )
 
 
@@ -397,15 +401,9 @@ def _add_event(
     message: str | None,
     payload: dict[str, Any] | None = None,
 ) -> JobEvent:
+    """An event through the ORM, for the rare paths that change the job through it."""
     added = JobEvent(
-        job_id=job_id,
-        at=at,
-        source=source.value,
-        kind=kind.value,
-        from_status=from_status.value if from_status else None,
-        to_status=to_status.value,
-        message=message,
-        payload=payload,
+        job_id=job_id, **_event_row(at, source, kind, from_status, to_status, message, payload)
     )
     session.add(added)
     return added

@@ -42,6 +42,7 @@ __all__ = [
     "Transition",
     "UpstreamState",
     "foreign_task",
+    "leaves_task_running",
     "transition",
     "usable_results",
 ]
@@ -190,6 +191,15 @@ def foreign_task(job: JobLike, update: UpstreamState) -> bool:
         and job.upstream_task_id
         and update.upstream_task_id != job.upstream_task_id
     )
+
+
+def leaves_task_running(
+    status: JobStatus | str, error_code: str | None, upstream_task_id: str | None
+) -> bool:
+    """The job ended unwanted (cancelled, or timed out) while a task it created may
+    still run upstream, and bill: finalize asks the provider to stop it."""
+    unwanted = status == JobStatus.CANCELLED or error_code == ErrorCode.TIMEOUT
+    return bool(upstream_task_id) and unwanted
 
 
 def usable_results(urls: Iterable[str]) -> tuple[tuple[str, ...], str | None]:

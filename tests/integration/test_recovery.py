@@ -53,6 +53,11 @@ def own_postgres() -> Iterator[PostgresServer]:
 @pytest.fixture
 def sandbox(configure: Configure) -> Iterator[SandboxServer]:
     config = SandboxConfig(pending_seconds=30, processing_seconds=30, seed=5)
+    yield from _serving(config, configure)
+
+
+def _serving(config: SandboxConfig, configure: Configure) -> Iterator[SandboxServer]:
+    """A sandbox with ``config``, made the providers of the installed runtime."""
     with SandboxServer(config=config) as server:
         configure(
             public_url="http://127.0.0.1:9",
@@ -283,14 +288,7 @@ def test_an_answer_the_database_refuses_fails_the_job_naming_the_task(
 @pytest.fixture
 def quick_sandbox(configure: Configure) -> Iterator[SandboxServer]:
     """A sandbox whose tasks end at once (LemonData's create then answers at once)."""
-    with SandboxServer(
-        config=SandboxConfig(pending_seconds=0.01, processing_seconds=0.01)
-    ) as server:
-        configure(
-            public_url="http://127.0.0.1:9",
-            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(server.url).items()},
-        )
-        yield server
+    yield from _serving(SandboxConfig(pending_seconds=0.01, processing_seconds=0.01), configure)
 
 
 def test_the_claim_marks_the_create_only_when_nothing_is_downloaded_first(

@@ -441,14 +441,20 @@ def test_a_dropped_connection_is_503_with_retry_after_then_the_delivery_succeeds
 # --- guarded writes: no lock held, the row decides -----------------------------------------
 
 
-def test_a_webhook_decided_on_a_row_that_changed_is_decided_again(client: FlaskClient) -> None:
-    # The receiver reads the row without a lock; another writer gets there first.
-    job_id = insert_job(upstream_task_id="t-g", status="submitted")
-    state = UpstreamState(JobStatus.PROCESSING, Source.WEBHOOK, progress=40, upstream_task_id="t-g")
-    plan = jobs.PollPlan.of(current().settings, 120.0)
+def read_without_lock(task_id: str) -> tuple[uuid.UUID, Job]:
+    """A submitted job following ``task_id``, and its row as the receiver reads it."""
+    job_id = insert_job(upstream_task_id=task_id, status="submitted")
     with current().autocommit() as session:
         stale = jobs.read_row(session, job_id)
     assert stale is not None
+    return job_id, stale
+
+
+def test_a_webhook_decided_on_a_row_that_changed_is_decided_again(client: FlaskClient) -> None:
+    # The receiver reads the row without a lock; another writer gets there first.
+    job_id, stale = read_without_lock("t-g")
+    state = UpstreamState(JobStatus.PROCESSING, Source.WEBHOOK, progress=40, upstream_task_id="t-g")
+    plan = jobs.PollPlan.of(current().settings, 120.0)
     with session_scope() as session:  # meanwhile: the job completed
         job = jobs.lock_job(session, job_id)
         assert job is not None
@@ -512,12 +518,9 @@ def test_a_row_that_keeps_changing_is_503_and_nothing_is_written(
 def test_a_new_secret_meanwhile_refuses_a_delivery_read_before_it(client: FlaskClient) -> None:
     # The row was read (and the old secret matched); then a new claim gave the job a
     # new secret. The guarded write sees the change, the checks run again and refuse.
-    job_id = insert_job(upstream_task_id="t-s", status="submitted")
+    job_id, stale = read_without_lock("t-s")
     state = UpstreamState(JobStatus.PROCESSING, Source.WEBHOOK, progress=30, upstream_task_id="t-s")
     plan = jobs.PollPlan.of(current().settings, 120.0)
-    with current().autocommit() as session:
-        stale = jobs.read_row(session, job_id)
-    assert stale is not None
     with session_scope() as session:
         session.execute(
             update(Job).where(Job.id == job_id).values(webhook_secret_hash=hash_secret("new"))
