@@ -9,14 +9,19 @@ naming the field; nothing is stored then.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 import logging
 import time
 import uuid
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -25,9 +30,9 @@ from worker import runtime as runtimes
 from worker.celery_app import build_runtime, send_submit
 from worker.config import get_settings
 from worker.db import retry_dropped
-from worker.errors import InvalidInput, JobNotFound
+from worker.errors import IdempotencyConflict, InvalidInput, JobNotFound
 from worker.images import ImageInput, resolve_image
-from worker.models import Job, JobEvent, utcnow
+from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.outbound import OutboundRefused, UnresolvableHost, check_url
 from worker.runtime import Runtime
 from worker.states import JobStatus
@@ -39,6 +44,7 @@ from worker.validation import (
     describe,
     http_url,
     json_params,
+    metadata,
     text,
 )
 
@@ -46,14 +52,23 @@ log = logging.getLogger(__name__)
 
 MAX_IDEMPOTENCY_KEY = 255  # the String(255) column
 MAX_TASK_NAME = MAX_NAME_CHARS  # on_complete_task, a String(255) column
+MAX_PAGE_SIZE = 100
+MAX_EVENTS = 1000
 
 __all__ = [
     "EventInfo",
+    "IdempotencyConflict",
     "JobInfo",
     "JobNotFound",
+    "JobPage",
+    "Submission",
     "cancel_job",
     "get_job",
+    "job_events",
     "list_jobs",
+    "list_page",
+    "resubmit_job",
+    "submit_or_replay",
     "submit_variation",
     "wait",
 ]
@@ -72,6 +87,12 @@ class EventInfo:
     from_status: str | None
     to_status: str | None
     message: str | None
+
+    @classmethod
+    def of(cls, event: JobEvent) -> EventInfo:
+        return cls(
+            event.at, event.source, event.kind, event.from_status, event.to_status, event.message
+        )
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,7 @@ class JobInfo:
     completed_at: datetime | None
     events: tuple[EventInfo, ...] = ()
     tenant: str | None = None
+    metadata: dict[str, str] | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -121,11 +143,25 @@ class JobInfo:
             submitted_at=job.submitted_at,
             completed_at=job.completed_at,
             tenant=job.tenant,
-            events=tuple(
-                EventInfo(e.at, e.source, e.kind, e.from_status, e.to_status, e.message)
-                for e in events or []
-            ),
+            metadata=dict(job.job_metadata) if job.job_metadata is not None else None,
+            events=tuple(EventInfo.of(e) for e in events or []),
         )
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A job as a submit left it: ``created`` False when an idempotency key replayed it."""
+
+    job: JobInfo
+    created: bool
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """One page of a listing; ``next_cursor`` continues after its last job (None: the end)."""
+
+    jobs: list[JobInfo]
+    next_cursor: str | None
 
 
 def submit_variation(
@@ -137,6 +173,7 @@ def submit_variation(
     notify_url: str | None = None,
     on_complete_task: str | None = None,
     tenant: str | None = None,
+    metadata: Mapping[str, str] | None = None,
     runtime: Runtime | None = None,
     **params: Any,
 ) -> JobInfo:
@@ -145,15 +182,46 @@ def submit_variation(
     ``image`` is an http(s) URL, a local file path or bytes; bytes (and files)
     are stored with the job, never put in a broker message. Raises InvalidInput
     (a ValueError) naming the wrong field; nothing is stored then. The same
-    ``idempotency_key`` returns the job it first created.
+    ``idempotency_key`` with the same request returns the job it first created;
+    with a different request it raises :class:`IdempotencyConflict` (an
+    InvalidInput naming that job).
 
     ``tenant`` names whose job it is (as an API token's tenant does; see
-    ``variflow tokens``); the same idempotency key with another tenant is refused.
+    ``variflow tokens``); idempotency keys are per tenant. ``metadata`` is the
+    application's own labels: up to 16 short string keys and values.
 
     When the job ends, variflow sends ``on_complete_task`` (a Celery task name;
     default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
     state to ``notify_url`` signed per Standard Webhooks.
     """
+    return submit_or_replay(
+        provider,
+        image=image,
+        idempotency_key=idempotency_key,
+        deadline=deadline,
+        notify_url=notify_url,
+        on_complete_task=on_complete_task,
+        tenant=tenant,
+        metadata=metadata,
+        runtime=runtime,
+        **params,
+    ).job
+
+
+def submit_or_replay(
+    provider: str,
+    *,
+    image: ImageInput | None = None,
+    idempotency_key: str | None = None,
+    deadline: datetime | timedelta | float | None = None,
+    notify_url: str | None = None,
+    on_complete_task: str | None = None,
+    tenant: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    runtime: Runtime | None = None,
+    **params: Any,
+) -> Submission:
+    """:func:`submit_variation`, saying whether the job was created or replayed by its key."""
     rt = runtime or _runtime()
     if (
         not isinstance(provider, str)
@@ -167,6 +235,7 @@ def submit_variation(
     adapter = rt.providers.for_new_job(provider)
     if tenant is not None:
         check_name("tenant", tenant)
+    labels = metadata if metadata is None else _metadata(metadata)
     stored_image = None
     if image is not None:
         if "image_url" in params:
@@ -200,10 +269,18 @@ def submit_variation(
             raise InvalidInput("on_complete_task", "a Celery task name")
         text("on_complete_task", on_complete_task, max_chars=MAX_TASK_NAME)
 
+    fingerprint = request_fingerprint(
+        provider,
+        clean,
+        image=stored_image.content if stored_image is not None else None,
+        notify_url=notify_url,
+        on_complete_task=on_complete_task,
+        metadata=labels,
+    )
     if idempotency_key is not None:
-        existing = _by_idempotency_key(rt, idempotency_key, provider, clean, tenant)
+        existing = _by_idempotency_key(rt, idempotency_key, tenant, fingerprint, provider, clean)
         if existing is not None:
-            return existing
+            return Submission(existing, created=False)
     image_row = (
         jobs.NewInput(stored_image.content, stored_image.filename, stored_image.content_type)
         if stored_image is not None
@@ -220,7 +297,9 @@ def submit_variation(
                 params=clean,
                 deadline=due,
                 idempotency_key=idempotency_key,
+                request_hash=fingerprint,
                 tenant=tenant,
+                metadata=labels,
                 notify_url=notify_url,
                 on_complete_task=on_complete_task,
                 image=image_row,
@@ -234,26 +313,132 @@ def submit_variation(
         mine = _by_id(rt, job_id)
         if mine is not None:
             send_submit(job_id, provider)
-            return mine
+            return Submission(mine, created=True)
         # Another caller inserted the same idempotency key first: theirs wins.
         if idempotency_key is None:
             raise
-        existing = _by_idempotency_key(rt, idempotency_key, provider, clean, tenant)
+        existing = _by_idempotency_key(rt, idempotency_key, tenant, fingerprint, provider, clean)
         if existing is None:
             raise
-        return existing
+        return Submission(existing, created=False)
 
     send_submit(job.id, provider)
     # What was just written, as written: no read-back.
-    return JobInfo.from_row(job, [accepted])
+    return Submission(JobInfo.from_row(job, [accepted]), created=True)
 
 
-def get_job(job_id: uuid.UUID | str, *, runtime: Runtime | None = None) -> JobInfo:
+def request_fingerprint(
+    provider: str,
+    params: Mapping[str, Any],
+    *,
+    image: bytes | None,
+    notify_url: str | None,
+    on_complete_task: str | None,
+    metadata: Mapping[str, str] | None,
+) -> str:
+    """SHA-256 of what a request asked for: two requests with one idempotency key are
+    the same request only if these match. The image counts by its digest; the
+    deadline does not count (a retry computing "now + 10 minutes" again is still
+    the same request, and the first one's deadline holds)."""
+    asked = {
+        "provider": provider,
+        "params": params,
+        "image": hashlib.sha256(image).hexdigest() if image is not None else None,
+        "notify_url": notify_url,
+        "on_complete_task": on_complete_task,
+        "metadata": metadata,
+    }
+    canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resubmit_job(
+    job_id: uuid.UUID | str, *, tenant: str | None = None, runtime: Runtime | None = None
+) -> JobInfo:
+    """A new queued job asking what ``job_id`` asked (input, stored image, deadline length,
+    notify_url, on-complete task, metadata, tenant). ``tenant``: see :func:`get_job`."""
+    rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
-    found = retry_dropped(lambda: _by_id(runtime or _runtime(), job_uuid))
+
+    def read() -> tuple[Job, JobInput | None] | None:
+        with rt.session() as session:
+            job = session.scalars(_visible(select(Job), tenant).where(Job.id == job_uuid)).first()
+            if job is None:
+                return None
+            session.expunge(job)
+            return job, session.get(JobInput, job_uuid)
+
+    found = retry_dropped(read)
+    if found is None:
+        raise JobNotFound(job_id)
+    old, stored = found
+    return submit_variation(
+        old.provider,
+        image=stored.content if stored is not None else None,
+        deadline=old.deadline - old.created_at,
+        notify_url=old.notify_url,
+        on_complete_task=old.on_complete_task,
+        tenant=old.tenant,
+        metadata=old.job_metadata,
+        runtime=rt,
+        **old.params,
+    )
+
+
+def get_job(
+    job_id: uuid.UUID | str,
+    *,
+    tenant: str | None = None,
+    events: bool = True,
+    runtime: Runtime | None = None,
+) -> JobInfo:
+    """The job, with its events unless ``events`` is False.
+
+    With ``tenant``, a job of another tenant is :class:`JobNotFound`, as if it did
+    not exist (the HTTP API passes the token's tenant; None sees every job).
+    """
+    job_uuid = _as_uuid(job_id)
+    found = retry_dropped(lambda: _by_id(runtime or _runtime(), job_uuid, tenant, events))
     if found is None:
         raise JobNotFound(job_id)
     return found
+
+
+def job_events(
+    job_id: uuid.UUID | str, *, tenant: str | None = None, runtime: Runtime | None = None
+) -> list[EventInfo]:
+    """The job's timeline, oldest first (at most MAX_EVENTS); ``tenant``: see get_job."""
+    job_uuid = _as_uuid(job_id)
+    rt = runtime or _runtime()
+
+    def read() -> list[EventInfo] | None:
+        with rt.session() as session:
+            visible = _visible(select(Job.id), tenant).where(Job.id == job_uuid)
+            if session.scalar(visible) is None:
+                return None
+            rows = session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_uuid)
+                .order_by(JobEvent.id)
+                .limit(MAX_EVENTS)
+            )
+            return [EventInfo.of(event) for event in rows]
+
+    found = retry_dropped(read)
+    if found is None:
+        raise JobNotFound(job_id)
+    return found
+
+
+def job_statuses(
+    job_ids: Collection[uuid.UUID], *, runtime: Runtime | None = None
+) -> dict[uuid.UUID, str]:
+    """The status of each job that exists, in one query (the HTTP API's waiters)."""
+    if not job_ids:
+        return {}
+    with (runtime or _runtime()).session() as session:
+        rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))
+        return {job_id: status for job_id, status in rows}
 
 
 def list_jobs(
@@ -265,37 +450,108 @@ def list_jobs(
     runtime: Runtime | None = None,
 ) -> list[JobInfo]:
     """Jobs, newest first (without their events)."""
-    query = select(Job).order_by(Job.created_at.desc()).limit(limit)
-    if statuses:
-        query = query.where(Job.status.in_(statuses))
+    return list_page(
+        statuses=statuses, provider=provider, since=since, limit=limit, runtime=runtime
+    ).jobs
+
+
+def list_page(
+    *,
+    statuses: Iterable[str] = (),
+    provider: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    metadata: Mapping[str, str] | None = None,
+    tenant: str | None = None,
+    cursor: str | None = None,
+    limit: int = 20,
+    runtime: Runtime | None = None,
+) -> JobPage:
+    """One page of jobs, newest first (without their events), and the cursor of the next.
+
+    Keyset pagination on (created_at, id): a cursor is a position, so jobs
+    created meanwhile never shift a page or appear twice. ``tenant`` limits the
+    page to one tenant's jobs (None: every job); ``metadata`` entries must all match.
+    """
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidInput("limit", f"1 to {MAX_PAGE_SIZE}")
+    query = _visible(select(Job), tenant).order_by(Job.created_at.desc(), Job.id.desc())
+    wanted = tuple(statuses)
+    if wanted:
+        query = query.where(Job.status.in_(wanted))
     if provider:
         query = query.where(Job.provider == provider)
     if since:
         query = query.where(Job.created_at >= since)
+    if until:
+        query = query.where(Job.created_at < until)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
+    if cursor is not None:
+        after_time, after_id = _decode_cursor(cursor)
+        query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after_time, after_id))
     with (runtime or _runtime()).session() as session:
-        return [JobInfo.from_row(job) for job in session.scalars(query)]
+        rows = list(session.scalars(query.limit(limit + 1)))
+    page = [JobInfo.from_row(job) for job in rows[:limit]]
+    more = len(rows) > limit
+    return JobPage(page, _encode_cursor(page[-1]) if more else None)
 
 
 def cancel_job(
     job_id: uuid.UUID | str,
     reason: str = "cancelled by request",
     *,
+    tenant: str | None = None,
     runtime: Runtime | None = None,
 ) -> JobInfo:
     """Cancel a job at once; a task already created upstream is cancelled there on a
-    best-effort basis (by a worker, in finalize_job). A terminal job is left as it is."""
+    best-effort basis (by a worker, in finalize_job). A terminal job is left as it is.
+    ``tenant``: see :func:`get_job`."""
     rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
+    reason = text("reason", reason, max_chars=MAX_NAME_CHARS)
 
     def cancel() -> None:  # a transaction: when it fails nothing was written, so again
         with rt.session() as session:
             job = jobs.lock_job(session, job_uuid)
-            if job is None:
+            if job is None or (tenant is not None and job.tenant != tenant):
                 raise JobNotFound(job_id)
             jobs.cancel(session, job, reason)
 
     retry_dropped(cancel)
-    return get_job(job_uuid, runtime=rt)
+    return get_job(job_uuid, tenant=tenant, runtime=rt)
+
+
+@dataclass(frozen=True)
+class ResultSource:
+    """Where result image ``n`` of a job is: a stored file (``name`` in the job's
+    results folder) or only the provider's URL."""
+
+    name: str | None
+    provider_url: str | None
+
+
+def result_source(
+    job_id: uuid.UUID | str, n: int, *, tenant: str | None = None, runtime: Runtime | None = None
+) -> ResultSource:
+    """Result ``n`` (0-based) of a completed job; JobNotFound when there is none."""
+    job = get_job(job_id, tenant=tenant, events=False, runtime=runtime)
+    rt = runtime or _runtime()
+    if job.status is not JobStatus.COMPLETED or not 0 <= n < len(job.result_urls):
+        raise JobNotFound(f"{job_id}/results/{n}")
+    stored = _stored_name(rt, job.id, job.archived_urls[n] if n < len(job.archived_urls) else None)
+    upstream = job.result_urls[n]
+    return ResultSource(stored or _stored_name(rt, job.id, upstream), upstream)
+
+
+def _stored_name(rt: Runtime, job_id: uuid.UUID, url: str | None) -> str | None:
+    """The file name of a URL under this deployment's /results/<job>/ (inline results
+    and archived copies, worker/results.py), else None."""
+    own_prefix = f"{rt.settings.public_base}/results/{job_id}/"
+    if not url or not url.startswith(own_prefix):
+        return None
+    name = url[len(own_prefix) :]
+    return name if name and "/" not in name and not name.startswith(".") else None
 
 
 def wait(
@@ -322,25 +578,65 @@ def wait(
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
 
 
-def _by_id(rt: Runtime, job_id: uuid.UUID) -> JobInfo | None:
+def _visible(query: Select[Any], tenant: str | None) -> Select[Any]:
+    return query if tenant is None else query.where(Job.tenant == tenant)
+
+
+def _by_id(
+    rt: Runtime, job_id: uuid.UUID, tenant: str | None = None, events: bool = True
+) -> JobInfo | None:
     with rt.session() as session:
-        job = session.get(Job, job_id)
-        return _snapshot(session, job) if job is not None else None
+        job = session.scalars(_visible(select(Job), tenant).where(Job.id == job_id)).first()
+        if job is None:
+            return None
+        return _snapshot(session, job) if events else JobInfo.from_row(job)
+
+
+def _same_key(key: str, tenant: str | None) -> ColumnElement[bool]:
+    # The unique index's own expression, so the lookup uses it.
+    return (func.coalesce(Job.tenant, "") == (tenant or "")) & (Job.idempotency_key == key)
 
 
 def _by_idempotency_key(
-    rt: Runtime, key: str, provider: str, params: dict[str, Any], tenant: str | None
+    rt: Runtime,
+    key: str,
+    tenant: str | None,
+    fingerprint: str,
+    provider: str,
+    params: Mapping[str, Any],
 ) -> JobInfo | None:
     with rt.session() as session:
-        job = session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+        job = session.scalars(select(Job).where(_same_key(key, tenant))).one_or_none()
         if job is None:
             return None
-        if job.provider != provider or job.params != params or job.tenant != tenant:
-            raise InvalidInput(
-                "idempotency_key",
-                f"{key!r} was already used for a different request (job {job.id})",
-            )
+        if job.request_hash is None:  # stored before request hashes (migration 0007)
+            same = job.provider == provider and job.params == params
+        else:
+            same = job.request_hash == fingerprint
+        if not same:
+            raise IdempotencyConflict(key, job.id)
         return _snapshot(session, job)
+
+
+def _metadata(value: object) -> dict[str, str]:
+    return metadata("metadata", value)
+
+
+def _encode_cursor(job: JobInfo) -> str:
+    position = f"{job.created_at.isoformat()}|{job.id.hex}"
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        at, _, job_id = base64.urlsafe_b64decode(padded.encode("ascii")).decode().partition("|")
+        created = datetime.fromisoformat(at)
+        if created.utcoffset() is None:
+            raise ValueError("naive")
+        return created.astimezone(UTC), uuid.UUID(hex=job_id)
+    except (ValueError, UnicodeError, binascii.Error):
+        raise InvalidInput("cursor", "not a cursor this API gave") from None
 
 
 def _snapshot(session: Session, job: Job) -> JobInfo:

@@ -3,6 +3,7 @@
     VariflowError
     ├── ConfigError            a VARIFLOW_* variable is missing or malformed (also a RuntimeError)
     ├── InvalidInput           bad input from an application; names the field (also a ValueError)
+    │   └── IdempotencyConflict  the key was used for a different request; names that job
     ├── JobNotFound            no job with that id (also a LookupError)
     ├── InvalidWebhook         a webhook body that cannot be read (also a ValueError)
     └── UpstreamError          a provider call gave no usable answer
@@ -56,6 +57,16 @@ class InvalidInput(VariflowError, ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class IdempotencyConflict(InvalidInput):
+    """The idempotency key was first used for a different request: ``job_id`` is its job."""
+
+    def __init__(self, key: str, job_id: object) -> None:
+        super().__init__(
+            "idempotency_key", f"{key!r} was already used for a different request (job {job_id})"
+        )
+        self.job_id = job_id
 
 
 class JobNotFound(VariflowError, LookupError):

@@ -473,6 +473,8 @@ def create_job(
     now: datetime | None = None,
     job_id: uuid.UUID | None = None,
     tenant: str | None = None,
+    request_hash: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[Job, JobEvent]:
     """A queued job, its input image and its first event (the caller commits).
 
@@ -495,6 +497,8 @@ def create_job(
         notify_url=notify_url,
         on_complete_task=on_complete_task,
         tenant=tenant,
+        request_hash=request_hash,
+        job_metadata=metadata,
         created_at=now,
         updated_at=now,
     )

@@ -22,6 +22,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -95,6 +96,14 @@ class Job(Base):
         Index("ix_jobs_status_created_at", "status", "created_at"),
         # A tenant's jobs, newest first (the HTTP API's listing).
         Index("ix_jobs_tenant_created_at", "tenant", "created_at"),
+        # Idempotency keys are per tenant (no tenant counts as one): the database,
+        # not a read before the insert, decides between concurrent duplicates.
+        Index(
+            "uq_jobs_tenant_idempotency_key",
+            func.coalesce(text("tenant"), ""),
+            "idempotency_key",
+            unique=True,
+        ),
         # The sweep's overdue query.
         Index("ix_jobs_status_deadline", "status", "deadline"),
     )
@@ -103,7 +112,10 @@ class Job(Base):
     provider: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # SHA-256 of the request that created the job (api.request_fingerprint): a replay
+    # with the same key is the same request only if this matches.
+    request_hash: Mapped[str | None] = mapped_column(String(64))
 
     upstream_task_id: Mapped[str | None] = mapped_column(String(255))
     poll_url: Mapped[str | None] = mapped_column(String(2048))
@@ -134,6 +146,8 @@ class Job(Base):
     on_complete_task: Mapped[str | None] = mapped_column(String(255))
     # Whose job it is (an API token's tenant; None: submitted in-process without one).
     tenant: Mapped[str | None] = mapped_column(String(64))
+    # The application's own labels ({str: str}, bounded by validation.metadata).
+    job_metadata: Mapped[dict[str, str] | None] = mapped_column(JSONType)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     on_complete_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

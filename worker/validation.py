@@ -124,6 +124,25 @@ def http_url(field: str, value: object, *, max_chars: int = MAX_URL_CHARS) -> st
     return url
 
 
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE_CHARS = 500
+METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+def metadata(field: str, value: object) -> dict[str, str]:
+    """An application's labels: up to 16 plain keys with short string values."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(field, f"an object of strings, got {type(value).__name__}")
+    if len(value) > MAX_METADATA_KEYS:
+        raise InvalidInput(field, f"at most {MAX_METADATA_KEYS} keys, got {len(value)}")
+    clean: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not METADATA_KEY.match(key):
+            raise InvalidInput(field, f"key {describe(key)}: 1 to 40 of A-Z a-z 0-9 _ . -")
+        clean[key] = text(f"{field}.{key}", item, max_chars=MAX_METADATA_VALUE_CHARS)
+    return clean
+
+
 def json_params(params: Mapping[str, Any]) -> None:
     """Params that can be stored as JSON on every backend; the error names the top-level key."""
     budget = [MAX_JSON_CHARS]

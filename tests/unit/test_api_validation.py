@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 
 from worker import JobNotFound, cancel_job, get_job, submit_variation, wait
 from worker.api import JobInfo
+from worker.errors import IdempotencyConflict, InvalidInput
 from worker.models import Job, JobEvent
 from worker.runtime import session_scope
 from worker.states import JobStatus
@@ -268,10 +269,43 @@ def test_a_bad_tenant_names_the_field_and_stores_nothing(tenant: Any) -> None:
     assert counts() == (0, 0)
 
 
-def test_an_idempotency_key_of_another_tenant_is_refused() -> None:
+def test_idempotency_keys_are_per_tenant() -> None:
+    # Another tenant's key is not a conflict (that would tell it the key exists):
+    # it is its own job.
     first = submit(idempotency_key="order-45", tenant="shop")
     assert submit(idempotency_key="order-45", tenant="shop").id == first.id
-    with pytest.raises(ValueError) as info:
-        submit(idempotency_key="order-45", tenant="other")
-    assert str(info.value).startswith("idempotency_key:")
+    other = submit(idempotency_key="order-45", tenant="other")
+    untenanted = submit(idempotency_key="order-45")
+    assert len({first.id, other.id, untenanted.id}) == 3
+    assert submit(idempotency_key="order-45").id == untenanted.id
+    assert counts() == (3, 3)
+
+
+def test_the_same_key_for_a_different_request_names_the_first_job() -> None:
+    first = submit(idempotency_key="order-46", tenant="shop", metadata={"order": "46"})
+    with pytest.raises(IdempotencyConflict) as info:
+        submit(idempotency_key="order-46", tenant="shop", metadata={"order": "47"})
+    assert info.value.job_id == first.id
+    assert info.value.field == "idempotency_key"
+    assert str(first.id) in str(info.value)
     assert counts() == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("labels", "field"),
+    [
+        ("order=1", "metadata"),
+        ({"": "x"}, "metadata"),
+        ({"a b": "x"}, "metadata"),
+        ({"k" * 41: "x"}, "metadata"),
+        ({f"k{i}": "x" for i in range(17)}, "metadata"),
+        ({"order": 1}, "metadata.order"),
+        ({"order": "x" * 501}, "metadata.order"),
+        ({"order": "nul\x00"}, "metadata.order"),
+    ],
+)
+def test_bad_metadata_names_the_field_and_stores_nothing(labels: object, field: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        submit(metadata=labels)
+    assert info.value.field == field
+    assert counts() == (0, 0)
