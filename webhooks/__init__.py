@@ -14,7 +14,9 @@ from typing import Any
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import DBAPIError
+from werkzeug.exceptions import HTTPException
 
+from webhooks import v1
 from webhooks.context import EXTENSION_KEY
 from webhooks.dashboard import bp as dashboard_bp
 from webhooks.health import bp as health_bp
@@ -54,8 +56,24 @@ def create_app(
     app.register_blueprint(receiver_bp)
     app.register_blueprint(results_bp)
     app.register_blueprint(dashboard_bp)
+    v1.register(app)
     app.register_error_handler(DBAPIError, _database_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
     return app
+
+
+def _http_error(error: HTTPException) -> ResponseReturnValue:
+    # Under /v1, Flask's own 404/405/413 are problem details like the API's other errors.
+    return v1.http_error(error) if v1.handles(request.path) else error
+
+
+def _unexpected(error: Exception) -> ResponseReturnValue:
+    if isinstance(error, HTTPException):
+        return _http_error(error)
+    if v1.handles(request.path):
+        return v1.unexpected(error)
+    raise error  # Flask's own 500 (logged with its traceback)
 
 
 def _database_error(exc: DBAPIError) -> ResponseReturnValue:
@@ -69,6 +87,8 @@ def _database_error(exc: DBAPIError) -> ResponseReturnValue:
         request.path,
         type(getattr(exc, "orig", exc)).__name__,
     )
+    if v1.handles(request.path):
+        return v1.unavailable()
     return jsonify(error="database unavailable; try again"), 503, {"Retry-After": "1"}
 
 

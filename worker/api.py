@@ -527,6 +527,7 @@ class ResultSource:
     """Where result image ``n`` of a job is: a stored file (``name`` in the job's
     results folder) or only the provider's URL."""
 
+    job_id: uuid.UUID
     name: str | None
     provider_url: str | None
 
@@ -541,7 +542,7 @@ def result_source(
         raise JobNotFound(f"{job_id}/results/{n}")
     stored = _stored_name(rt, job.id, job.archived_urls[n] if n < len(job.archived_urls) else None)
     upstream = job.result_urls[n]
-    return ResultSource(stored or _stored_name(rt, job.id, upstream), upstream)
+    return ResultSource(job.id, stored or _stored_name(rt, job.id, upstream), upstream)
 
 
 def _stored_name(rt: Runtime, job_id: uuid.UUID, url: str | None) -> str | None:
