@@ -70,10 +70,15 @@ class Operation:
 
 
 def field_of(error: ValidationError, prefix: str = "") -> tuple[str, str]:
-    """The first error of a validation as (field path, message)."""
+    """The first error of a validation as (field, message). The field is the top-level
+    name (the requests are flat); where inside it, pydantic's location, goes in the
+    message (it names union members and dict keys in its own way)."""
     first = error.errors(include_url=False)[0]
-    path = ".".join(str(part) for part in first["loc"]) or "body"
-    return prefix + path, first["msg"]
+    location = [str(part) for part in first["loc"]]
+    if not location:
+        return prefix + "body", first["msg"]
+    inside = f" (at {'.'.join(location[1:])})" if len(location) > 1 else ""
+    return prefix + location[0], first["msg"] + inside
 
 
 def validated(model: type[BaseModel], data: object, prefix: str = "") -> Any:
