@@ -277,10 +277,8 @@ def submit_or_replay(
         on_complete_task=on_complete_task,
         metadata=labels,
     )
-    if idempotency_key is not None:
-        existing = _by_idempotency_key(rt, idempotency_key, tenant, fingerprint, provider, clean)
-        if existing is not None:
-            return Submission(existing, created=False)
+    # No read before the insert: the unique index on (tenant, key) decides, also between
+    # concurrent duplicates, and a new key (the common case) costs no extra round trip.
     image_row = (
         jobs.NewInput(stored_image.content, stored_image.filename, stored_image.content_type)
         if stored_image is not None
@@ -314,7 +312,7 @@ def submit_or_replay(
         if mine is not None:
             send_submit(job_id, provider)
             return Submission(mine, created=True)
-        # Another caller inserted the same idempotency key first: theirs wins.
+        # The idempotency key was used before (or by a concurrent caller): the first wins.
         if idempotency_key is None:
             raise
         existing = _by_idempotency_key(rt, idempotency_key, tenant, fingerprint, provider, clean)
@@ -412,7 +410,7 @@ def job_events(
     rt = runtime or _runtime()
 
     def read() -> list[EventInfo] | None:
-        with rt.session() as session:
+        with rt.autocommit() as session:
             visible = _visible(select(Job.id), tenant).where(Job.id == job_uuid)
             if session.scalar(visible) is None:
                 return None
@@ -436,7 +434,7 @@ def job_statuses(
     """The status of each job that exists, in one query (the HTTP API's waiters)."""
     if not job_ids:
         return {}
-    with (runtime or _runtime()).session() as session:
+    with (runtime or _runtime()).autocommit() as session:
         rows = session.execute(select(Job.id, Job.status).where(Job.id.in_(list(job_ids))))
         return {job_id: status for job_id, status in rows}
 
@@ -490,7 +488,7 @@ def list_page(
     if cursor is not None:
         after_time, after_id = _decode_cursor(cursor)
         query = query.where(tuple_(Job.created_at, Job.id) < tuple_(after_time, after_id))
-    with (runtime or _runtime()).session() as session:
+    with (runtime or _runtime()).autocommit() as session:
         rows = list(session.scalars(query.limit(limit + 1)))
     page = [JobInfo.from_row(job) for job in rows[:limit]]
     more = len(rows) > limit
@@ -586,7 +584,7 @@ def _visible(query: Select[Any], tenant: str | None) -> Select[Any]:
 def _by_id(
     rt: Runtime, job_id: uuid.UUID, tenant: str | None = None, events: bool = True
 ) -> JobInfo | None:
-    with rt.session() as session:
+    with rt.autocommit() as session:  # reads only: no BEGIN/COMMIT round trips
         job = session.scalars(_visible(select(Job), tenant).where(Job.id == job_id)).first()
         if job is None:
             return None
@@ -606,7 +604,7 @@ def _by_idempotency_key(
     provider: str,
     params: Mapping[str, Any],
 ) -> JobInfo | None:
-    with rt.session() as session:
+    with rt.autocommit() as session:
         job = session.scalars(select(Job).where(_same_key(key, tenant))).one_or_none()
         if job is None:
             return None
