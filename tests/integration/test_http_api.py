@@ -147,6 +147,8 @@ def test_an_image_is_taken_as_base64_or_as_a_file_part(client: FlaskClient, toke
         ({"deadline": -5}, "deadline"),
         ({"deadline": "2020-01-01T00:00:00Z"}, "deadline"),
         ({"deadline": "tomorrow"}, "deadline"),
+        ({"deadline": "900"}, "deadline"),
+        ({"deadline": True}, "deadline"),
         ({"notify_url": "ftp://x.example"}, "notify_url"),
         ({"metadata": {"a b": "c"}}, "metadata"),
         ({"metadata": {"k": 1}}, "metadata"),

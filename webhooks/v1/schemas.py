@@ -9,11 +9,13 @@ an object.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
+NUMBER = re.compile(r"[-+]?[0-9.]+([eE][-+]?[0-9]+)?")
 MAX_WAIT_SECONDS = 60.0
 MAX_PAGE_SIZE = 100
 # worker.states.JobStatus, spelled out so the document lists them (a test keeps them equal).
@@ -43,7 +45,7 @@ class CreateJob(_Strict):
             "(http/https) or image_b64 (base64 of PNG, JPEG or WebP bytes), not both."
         )
     )
-    deadline: Annotated[float, Field(gt=0)] | AwareDatetime | None = Field(
+    deadline: Annotated[float, Field(gt=0, strict=True)] | AwareDatetime | None = Field(
         default=None,
         description="Seconds from now, or an RFC 3339 time with an offset. Past it the job fails.",
     )
@@ -53,6 +55,14 @@ class CreateJob(_Strict):
         description="POSTed the final state, signed per Standard Webhooks.",
     )
     metadata: Metadata | None = None
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _no_number_as_text(cls, value: object) -> object:
+        # pydantic would read "900" as a Unix time (1970): a number must be a number.
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            raise ValueError("a number of seconds must be a JSON number, not text")
+        return value
 
 
 class CreateJobForm(BaseModel):

@@ -23,7 +23,7 @@ from webhooks.v1 import schemas
 from webhooks.v1.auth import caller, visible_tenant
 from webhooks.v1.openapi import Api, Operation, Param, query_of, validated
 from webhooks.v1.problems import ProblemError, invalid
-from webhooks.v1.schemas import CreateJob, CreateJobForm, Problem
+from webhooks.v1.schemas import NUMBER, CreateJob, CreateJobForm, Problem
 from webhooks.v1.waiting import Watcher
 from worker import api as jobs_api
 from worker.api import JobInfo, ResultSource
@@ -156,8 +156,8 @@ def _form_body() -> tuple[dict[str, Any], bytes | None]:
                 raw[name] = json.loads(value, parse_constant=_no_constant)
             except (ValueError, RecursionError):
                 raise invalid(name, "must be a JSON object as text") from None
-        elif name == "deadline" and value.strip().replace(".", "", 1).isdigit():
-            raw[name] = float(value)
+        elif name == "deadline" and NUMBER.fullmatch(value.strip()):
+            raw[name] = _seconds(value)
         else:
             raw[name] = value
     raw.setdefault("input", {})
@@ -172,6 +172,13 @@ def _form_body() -> tuple[dict[str, Any], bytes | None]:
     if len(content) > limit:
         raise invalid("image", f"over the limit of {limit} bytes")
     return raw, content
+
+
+def _seconds(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:  # "1.2.3" matches the pattern but is no number
+        raise invalid("deadline", "a number of seconds or an RFC 3339 time") from None
 
 
 def _decode_image(value: object) -> bytes:
