@@ -342,10 +342,9 @@ def test_wait_returns_when_the_job_ends(app: Flask, client: FlaskClient, token: 
         )
     )
     waiter.start()
-    watcher = app.extensions
     for _ in range(100_000):  # until the request is registered with the watcher
-        found = watcher.get("variflow.watcher")
-        if found is not None and uuid.UUID(job_id) in found._waiters:
+        found = app.extensions.get("variflow.watcher")
+        if found is not None and uuid.UUID(job_id) in found.watched():
             break
         threading.Event().wait(0.001)
     assert (

@@ -34,6 +34,11 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self.pid = os.getpid()
 
+    def watched(self) -> frozenset[uuid.UUID]:
+        """The jobs someone is waiting for now."""
+        with self._lock:
+            return frozenset(self._waiters)
+
     def wait(self, job_id: uuid.UUID, timeout: float) -> bool:
         """Block until the job is terminal (True) or ``timeout`` seconds pass (False)."""
         ended = threading.Event()
