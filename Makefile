@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench chaos clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e clients/python
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -18,11 +19,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
+# clients/python is checked with its own settings (its pyproject.toml): a separate distribution.
 lint: $(STAMP)
 	$(BIN)/ruff check worker webhooks sandbox migrations tests bench
 	$(BIN)/ruff format --check worker webhooks sandbox migrations tests bench
 	$(BIN)/mypy worker webhooks sandbox
 	$(BIN)/lint-imports
+	$(BIN)/ruff check clients/python
+	$(BIN)/ruff format --check clients/python
+	$(BIN)/mypy --strict --config-file clients/python/pyproject.toml clients/python/src clients/python/tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py

@@ -6,10 +6,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from sqlalchemy.engine import URL, make_url
@@ -20,12 +23,21 @@ from worker.config import ConfigError, Settings, get_settings, reset_settings
 from worker.providers import registered
 from worker.states import JobStatus
 
+if TYPE_CHECKING:
+    import variflow_client
+
 # Heavy modules (the API with SQLAlchemy and Celery, gunicorn, honcho, the
 # sandbox) are imported inside the commands that use them, so that `variflow
 # --help` and the light commands start fast. No cycle is dodged by it: the CLI
 # is the top of the import graph.
 
 KNOWN_PROVIDERS = tuple(registered())
+
+# The remote mode: with both set, submit, status, list and cancel go through the HTTP API
+# (variflow_client, clients/python) and need no database or broker of their own.
+API_URL_VARIABLE = "VARIFLOW_API_URL"
+API_TOKEN_VARIABLE = "VARIFLOW_API_TOKEN"  # noqa: S105 (the variable's name, not a token)
+API_PAGE_SIZE = 100  # the most GET /v1/jobs gives in one page
 
 # Exit codes: the group's --help, submit's and status's, and the README say the same.
 EXIT_OK = 0
@@ -78,6 +90,10 @@ class VariflowGroup(click.Group):
 @click.group(cls=VariflowGroup)
 def cli() -> None:
     """variflow: image-variation jobs against PiAPI, Piclaza and LemonData.
+
+    With VARIFLOW_API_URL and VARIFLOW_API_TOKEN set, submit, status, list and
+    cancel go through that variflow's HTTP API (no database needed here); this
+    needs the client: pip install variflow-client (clients/python).
 
     \b
     Exit codes:
@@ -299,14 +315,19 @@ def submit(
       2  usage or input error, naming the field (or the setting, or the database)
       3  with --wait: the job did not finish within --timeout
     """
-    from worker.api import get_job, submit_variation
-
     fields = {k: v for k, v in options.items() if v is not None}
     for item in params:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         fields[name.strip()] = _param_value(text)
+    api = _remote()
+    if api is not None:
+        with api, _api_errors(api):
+            _submit_remote(api, provider, fields, wait, timeout, as_json)
+        return
+    from worker.api import get_job, submit_variation
+
     _require_database()
     try:
         job = submit_variation(provider, **fields)
@@ -333,13 +354,18 @@ def status(job_id: str, as_json: bool) -> None:
       1  the job failed
       2  usage error: an unknown job id, a bad setting, a database not usable
     """
-    from worker.api import JobNotFound, get_job
+    api = _remote()
+    if api is not None:
+        with api, _api_errors(api, job_id):
+            job: Any = _remote_view(api, api.jobs.get(job_id), events=api.jobs.events(job_id))
+    else:
+        from worker.api import JobNotFound, get_job
 
-    _require_database()
-    try:
-        job = get_job(job_id)
-    except JobNotFound as exc:
-        raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
+        _require_database()
+        try:
+            job = get_job(job_id)
+        except JobNotFound as exc:
+            raise click.BadParameter(str(exc), param_hint="JOB_ID") from None
     if not as_json:
         click.echo(f"{job.id}  {job.provider}  {job.status}  {job.progress}%")
         for event in job.events:
@@ -359,14 +385,26 @@ def list_jobs(
     statuses: tuple[str, ...], provider: str | None, since: str | None, limit: int, as_json: bool
 ) -> None:
     """List jobs, newest first."""
-    from worker.api import list_jobs as query
-
     try:
         since_at = _parse_since(since) if since else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    _require_database()
-    jobs = query(statuses=statuses, provider=provider, since=since_at, limit=limit)
+    api = _remote()
+    jobs: list[Any]
+    if api is not None:
+        with api, _api_errors(api):
+            listed = api.jobs.list(
+                status=statuses or None,
+                provider=provider,
+                created_since=since_at,
+                limit=min(limit, API_PAGE_SIZE),
+            )
+            jobs = [_remote_view(api, job) for job in islice(listed, limit)]
+    else:
+        from worker.api import list_jobs as query
+
+        _require_database()
+        jobs = list(query(statuses=statuses, provider=provider, since=since_at, limit=limit))
     if as_json:
         click.echo(json.dumps([_job_json(j) for j in jobs], indent=2))
         return
@@ -446,6 +484,12 @@ def tokens_revoke(name: str) -> None:
 @click.argument("job_id")
 def cancel(job_id: str) -> None:
     """Cancel a job (a task already created upstream is cancelled there, best effort)."""
+    api = _remote()
+    if api is not None:
+        with api, _api_errors(api, job_id):
+            cancelled = api.jobs.cancel(job_id)
+        click.echo(f"{cancelled.id}  {cancelled.status}")
+        return
     from worker.api import JobNotFound, cancel_job
 
     _require_database()
@@ -570,8 +614,11 @@ def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None
             click.echo(f"error:  {job.error_code}: {job.error_message}")
         for url in job.result_urls:
             click.echo(f"result:   {url}")
-        settings = _settings()
+        # Read only when there are archived files to show: a remote job has none here, and
+        # the remote mode reads no settings.
+        settings = _settings() if job.archived_urls else None
         for url in job.archived_urls:
+            assert settings is not None
             local = settings.results_folder / url.split("/results/", 1)[-1]
             click.echo(f"archived: {local}")
     if exit_on_failure and job.status == "failed":
@@ -635,6 +682,187 @@ def _job_json(job: Any) -> dict[str, Any]:
     data["events"] = [vars(e) for e in job.events]
     plain: dict[str, Any] = json.loads(json.dumps(data, default=str))
     return plain
+
+
+# --- the remote mode: the job commands through the HTTP API ------------------------------
+
+
+def remote_client(url: str, token: str) -> variflow_client.Client:
+    """The API client of the remote mode (the tests replace this function)."""
+    try:
+        # Deferred, and optional: only the remote mode needs it (a separate distribution).
+        from variflow_client import Client
+    except ImportError:
+        raise CliError(
+            f"{API_URL_VARIABLE} is set but the API client is not installed: "
+            "pip install variflow-client (clients/python; `make` installs it)"
+        ) from None
+    return Client(url, token)
+
+
+def _remote() -> variflow_client.Client | None:
+    """The API client when the environment names an API, None to use the database."""
+    url = os.environ.get(API_URL_VARIABLE, "").strip()
+    token = os.environ.get(API_TOKEN_VARIABLE, "").strip()
+    if not url and not token:
+        return None
+    if not url or not token:
+        missing = API_TOKEN_VARIABLE if url else API_URL_VARIABLE
+        raise CliError(
+            f"{missing} is not set: set both {API_URL_VARIABLE} and {API_TOKEN_VARIABLE} "
+            "to use an API, or neither to use the database"
+        )
+    return remote_client(url, token)
+
+
+@contextmanager
+def _api_errors(api: variflow_client.Client, job_id: str | None = None) -> Iterator[None]:
+    """The client's exceptions as one line and exit code 2, as the local mode's are."""
+    import variflow_client as vc
+
+    where = f"the API at {api.base_url}"
+    try:
+        yield
+    except vc.InvalidInput as exc:
+        field, detail = exc.field, exc.detail or exc.title
+        named = detail if not field or detail.startswith(f"{field}:") else f"{field}: {detail}"
+        raise CliError(named) from None
+    except vc.NotFound as exc:
+        if job_id is None:
+            raise CliError(f"{where} answered {exc}") from None
+        raise click.BadParameter(f"no job with id {job_id}", param_hint="JOB_ID") from None
+    except vc.Conflict as exc:
+        raise CliError(
+            f"idempotency_key: {exc.detail or exc.title} (it made job {exc.job_id})"
+        ) from None
+    except vc.AuthenticationError as exc:
+        raise CliError(f"{where} refused the token ({exc}); check {API_TOKEN_VARIABLE}") from None
+    except vc.APIError as exc:
+        raise CliError(f"{where} answered {exc}") from None
+    except vc.NetworkError as exc:
+        raise CliError(f"cannot reach {where}: {exc}; check {API_URL_VARIABLE}") from None
+    except vc.InvalidResponse as exc:
+        raise CliError(f"{where} gave an answer this client does not understand: {exc}") from None
+
+
+# The options of submit that are not a provider's input field.
+_SUBMIT_OPTIONS = ("image", "idempotency_key", "deadline", "notify_url", "on_complete_task")
+
+
+def _submit_remote(
+    api: variflow_client.Client,
+    provider: str,
+    fields: dict[str, Any],
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    import variflow_client as vc
+
+    if "on_complete_task" in fields:
+        raise click.BadParameter(
+            "a Celery task of the server's own; not available through the API (use --notify-url)",
+            param_hint="--on-complete-task",
+        )
+    job_input = {k: v for k, v in fields.items() if k not in _SUBMIT_OPTIONS}
+    image: Path | None = None
+    if "image" in fields:
+        source = str(fields["image"])
+        if "://" in source:  # a URL: the server fetches it (and names it if it is not http/s)
+            job_input["image_url"] = source
+        elif Path(source).is_file():  # a local file: uploaded as multipart/form-data
+            image = Path(source)
+        else:
+            raise CliError(f"image: no file at {source} (give an http(s) URL or a file's path)")
+    try:
+        job = api.jobs.create(
+            provider,
+            job_input,
+            image=image,
+            deadline=fields.get("deadline"),
+            notify_url=fields.get("notify_url"),
+            idempotency_key=fields.get("idempotency_key"),
+        )
+    except OSError as exc:
+        raise CliError(f"image: cannot read {image}: {exc.strerror or exc}") from None
+    if not wait:
+        events = api.jobs.events(job.id) if as_json else ()
+        view = _remote_view(api, job, events=events)
+        click.echo(json.dumps(_job_json(view), indent=2) if as_json else view.id)
+        return
+    if not as_json:
+        click.echo(f"{job.id}  {provider}")
+    try:
+        job = api.jobs.wait(job.id, timeout=timeout)
+    except vc.JobFailed as exc:
+        job = exc.job  # failed or cancelled: printed below, as the local mode does
+    except vc.WaitTimeout as exc:
+        raise TimedOut(
+            f"job {job.id} not finished after {timeout:g}s (still {exc.job.status})"
+        ) from None
+    view = _remote_view(api, job, events=api.jobs.events(job.id))
+    if not as_json:
+        for event in view.events:
+            click.echo("  " + _event_line(event))
+    _print_result(view, as_json)
+
+
+@dataclass(frozen=True)
+class RemoteJob:
+    """A job of the API with the attributes of worker.api.JobInfo that the output uses, so
+    that both modes print alike (the same --json keys, plus metadata and results)."""
+
+    id: str
+    provider: str
+    status: str
+    params: dict[str, Any]
+    idempotency_key: str | None
+    upstream_task_id: str | None
+    result_urls: list[str]
+    archived_urls: list[str]
+    progress: int
+    error_code: str | None
+    error_message: str | None
+    deadline: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    submitted_at: datetime | None
+    completed_at: datetime | None
+    events: tuple[Any, ...]
+    tenant: str | None
+    metadata: dict[str, str]
+    results: list[dict[str, Any]]
+
+
+def _remote_view(
+    api: variflow_client.Client, job: variflow_client.Job, events: Any = ()
+) -> RemoteJob:
+    # A result's link is the provider's when it gave one (as the local mode shows), else
+    # this API's own (it needs the token: `variflow_client` jobs.download).
+    return RemoteJob(
+        id=job.id,
+        provider=job.provider,
+        status=job.status,
+        params=dict(job.input),
+        idempotency_key=job.idempotency_key,
+        upstream_task_id=None,  # not shown by the API
+        result_urls=[r.provider_url or f"{api.base_url}{r.url}" for r in job.results],
+        archived_urls=[],  # files of the server's disk
+        progress=job.progress,
+        error_code=job.error.code if job.error else None,
+        error_message=job.error.message if job.error else None,
+        deadline=job.deadline,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        submitted_at=job.submitted_at,
+        completed_at=job.completed_at,
+        events=tuple(events),
+        tenant=job.tenant,
+        metadata=dict(job.metadata),
+        results=[
+            {"index": r.index, "url": r.url, "provider_url": r.provider_url} for r in job.results
+        ],
+    )
 
 
 def main() -> None:

@@ -9,21 +9,27 @@ temporary folder): nothing runs it, which is harmless here.
 
 from __future__ import annotations
 
+import dataclasses
+import email.parser
+import email.policy
 import io
 import json
 import os
 import socket
 import sqlite3
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
 from PIL import Image
 from sqlalchemy import func, select, update
+from variflow_client import Client
 
 from worker import runtime
 from worker.api import JobInfo, get_job, submit_variation
@@ -926,3 +932,556 @@ def test_help_states_the_exit_codes(
     text = " ".join(result.output.split())
     positions = [text.index(line) for line in lines]
     assert positions == sorted(positions), text
+
+
+# --- the remote mode: VARIFLOW_API_URL and VARIFLOW_API_TOKEN set ----------------------
+# The job commands go through variflow_client to the HTTP API, here a fake one behind
+# httpx.MockTransport (worker.cli.remote_client is the seam). The database is set to one
+# that cannot be reached: a command that touched it would fail.
+
+API_URL = "https://variflow.test"
+API_TOKEN = "vf_cli_test"
+REMOTE_ID = "5b0d1c2e-0000-4000-8000-00000000abcd"
+PNG_BYTES = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
+
+
+def api_job(**changes: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "id": REMOTE_ID,
+        "provider": "piapi",
+        "status": "queued",
+        "progress": 0,
+        "tenant": "acme",
+        "input": {"origin_task_id": "imagine-1", "index": "1", "prompt": "a red fox"},
+        "metadata": {},
+        "idempotency_key": "k",
+        "error": None,
+        "results": [],
+        "deadline": "2026-12-02T10:15:00Z",
+        "created_at": "2026-12-02T10:00:00Z",
+        "updated_at": "2026-12-02T10:00:00Z",
+        "submitted_at": None,
+        "completed_at": None,
+    }
+    job.update(changes)
+    return job
+
+
+API_EVENTS = [
+    {
+        "at": "2026-12-02T10:00:00Z",
+        "source": "api",
+        "kind": "created",
+        "from_status": None,
+        "to_status": "queued",
+        "message": "accepted",
+    },
+    {
+        "at": "2026-12-02T10:00:09Z",
+        "source": "poll",
+        "kind": "status",
+        "from_status": "queued",
+        "to_status": "completed",
+        "message": None,
+    },
+]
+
+COMPLETED = api_job(
+    status="completed",
+    progress=100,
+    completed_at="2026-12-02T10:00:09Z",
+    results=[
+        {"index": 0, "url": f"/v1/jobs/{REMOTE_ID}/results/0", "provider_url": "https://cdn.t/1"},
+        {"index": 1, "url": f"/v1/jobs/{REMOTE_ID}/results/1", "provider_url": None},
+    ],
+)
+FAILED = api_job(
+    status="failed",
+    error={"code": "upstream_failed", "message": "the provider lost the image"},
+)
+
+
+def api_problem(status: int, title: str, detail: str | None = None, **extra: Any) -> httpx.Response:
+    body = {"type": "urn:variflow:problem:x", "title": title, "status": status, **extra}
+    if detail is not None:
+        body["detail"] = detail
+    return httpx.Response(
+        status,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/problem+json"},
+    )
+
+
+class FakeAPI:
+    """Routes (method, path) to an answer: a JSON body (200), a response, an exception or a
+    function of the request. Keeps the requests."""
+
+    def __init__(self, routes: dict[tuple[str, str], Any]) -> None:
+        self.routes = routes
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.routes.get((request.method, request.url.path))
+        if answer is None:
+            return api_problem(404, "Not found")
+        if callable(answer):
+            answer = answer(request)
+        if isinstance(answer, Exception):
+            raise answer
+        if isinstance(answer, httpx.Response):
+            return answer
+        return httpx.Response(201 if request.method == "POST" else 200, json=answer)
+
+    def sent(self, method: str, path: str) -> list[httpx.Request]:
+        return [r for r in self.requests if (r.method, r.url.path) == (method, path)]
+
+
+JOBS_PATH = "/v1/jobs"
+JOB_PATH = f"/v1/jobs/{REMOTE_ID}"
+EVENTS_PATH = f"{JOB_PATH}/events"
+
+
+@pytest.fixture
+def remote(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeAPI]:
+    """Point the CLI at a fake API: ``remote({(method, path): answer})`` returns it."""
+    monkeypatch.setenv("VARIFLOW_API_URL", API_URL)
+    monkeypatch.setenv("VARIFLOW_API_TOKEN", API_TOKEN)
+    with socket.socket() as sock:  # a database nobody listens on: the remote mode needs none
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("VARIFLOW_DATABASE_URL", f"postgresql+psycopg://u:p@127.0.0.1:{port}/v")
+    runtime.uninstall()
+    reset_settings()
+
+    def make(routes: dict[tuple[str, str], Any]) -> FakeAPI:
+        api = FakeAPI(routes)
+
+        def factory(url: str, token: str) -> Client:
+            assert (url, token) == (API_URL, API_TOKEN)
+            made = Client(url, token, transport=httpx.MockTransport(api), max_retries=1)
+            made.sleep = lambda seconds: None  # retries without waiting
+            return made
+
+        monkeypatch.setattr("worker.cli.remote_client", factory)
+        return api
+
+    return make
+
+
+def multipart_fields(request: httpx.Request) -> dict[str, bytes]:
+    head = f"Content-Type: {request.headers['content-type']}\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + request.content)
+    fields: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        assert isinstance(name, str) and isinstance(payload, bytes)
+        fields[name] = payload
+    return fields
+
+
+def test_remote_submit_sends_the_provider_fields_as_input(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote({("POST", JOBS_PATH): api_job()})
+
+    result = run(
+        runner,
+        "submit",
+        *PIAPI,
+        "--idempotency-key",
+        "order-1",
+        "--deadline",
+        "120",
+        "--notify-url",
+        "https://app.example.test/hook",
+        "-p",
+        "aspect_ratio=16:9",
+    )
+
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == REMOTE_ID
+    [request] = api.requests
+    assert request.headers["authorization"] == f"Bearer {API_TOKEN}"
+    assert request.headers["idempotency-key"] == "order-1"
+    assert json.loads(request.content) == {
+        "provider": "piapi",
+        "input": {
+            "origin_task_id": "imagine-1",
+            "index": "1",
+            "prompt": "a red fox",
+            "aspect_ratio": "16:9",
+        },
+        "deadline": 120.0,
+        "notify_url": "https://app.example.test/hook",
+    }
+
+
+def test_remote_submit_of_an_image_url_sends_it_as_image_url(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote({("POST", JOBS_PATH): api_job(provider="lemondata")})
+
+    result = run(
+        runner, "submit", "lemondata", "--image", "https://example.test/cat.png", "--n", "2"
+    )
+
+    assert result.exit_code == 0, result.output
+    body = json.loads(api.requests[0].content)
+    assert body["input"] == {"image_url": "https://example.test/cat.png", "n": 2}
+    assert api.requests[0].headers["idempotency-key"]  # generated when not given
+
+
+def test_remote_submit_of_a_local_file_uploads_it(
+    runner: CliRunner, remote: Callable[..., FakeAPI], tmp_path: Path
+) -> None:
+    path = tmp_path / "cat.png"
+    path.write_bytes(PNG_BYTES)
+    api = remote({("POST", JOBS_PATH): api_job(provider="lemondata")})
+
+    result = run(runner, "submit", "lemondata", "--image", str(path), "--size", "256x256")
+
+    assert result.exit_code == 0, result.output
+    [request] = api.requests
+    fields = multipart_fields(request)
+    assert fields["provider"] == b"lemondata"
+    assert json.loads(fields["input"]) == {"size": "256x256"}
+    assert fields["image"] == PNG_BYTES
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["piclaza", "--image", "./no/such/file.png"], "image:"),
+        ([*PIAPI, "--on-complete-task", "myapp.done"], "--on-complete-task"),
+        (["piclaza", "--param", "grouping"], "NAME=VALUE"),
+    ],
+)
+def test_remote_submit_refuses_what_it_cannot_send_before_any_request(
+    runner: CliRunner, remote: Callable[..., FakeAPI], args: list[str], named: str
+) -> None:
+    api = remote({("POST", JOBS_PATH): api_job()})
+
+    result = run(runner, "submit", *args)
+
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+    assert "Traceback" not in result.output
+    assert api.requests == []
+
+
+@pytest.mark.parametrize(
+    ("detail", "shown"),
+    [
+        ("input.n: 1 to 10", "Error: input.n: 1 to 10"),
+        ("must be 1 to 10", "Error: input.n: must be 1 to 10"),
+    ],
+)
+def test_remote_input_errors_are_one_line_naming_the_field(
+    runner: CliRunner, remote: Callable[..., FakeAPI], detail: str, shown: str
+) -> None:
+    answer = api_problem(400, "Invalid input", detail, field="input.n")
+    api = remote({("POST", JOBS_PATH): answer})
+
+    result = run(runner, "submit", "lemondata", "--image", "https://e.test/a.png", "--n", "11")
+
+    assert result.exit_code == 2, result.output
+    assert error_line(result) == shown
+    assert len(api.requests) == 1  # a 400 is never retried
+
+
+def test_remote_idempotency_conflict_names_the_job(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    answer = api_problem(409, "Conflict", "key used for another request", job_id=REMOTE_ID)
+    remote({("POST", JOBS_PATH): answer})
+
+    result = run(runner, "submit", *PIAPI, "--idempotency-key", "k-1")
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "idempotency_key:" in line and REMOTE_ID in line
+
+
+def test_remote_submit_json_has_the_local_keys(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    remote({("POST", JOBS_PATH): api_job(), ("GET", EVENTS_PATH): {"data": API_EVENTS[:1]}})
+
+    result = run(runner, "submit", *PIAPI, "--json")
+
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    local_keys = {f.name for f in dataclasses.fields(JobInfo)}  # what the local mode prints
+    assert local_keys - set(data) == set()
+    assert set(data) - local_keys <= {"metadata", "results"}
+    assert (data["id"], data["status"]) == (REMOTE_ID, "queued")
+    assert data["params"]["prompt"] == "a red fox"
+    assert [(e["source"], e["to_status"]) for e in data["events"]] == [("api", "queued")]
+
+
+def wait_answers(*jobs: dict[str, Any]) -> Callable[[httpx.Request], dict[str, Any]]:
+    """GET /v1/jobs/{id}?wait=N answers: each job in turn, the last one repeated."""
+    queue = list(jobs)
+
+    def answer(request: httpx.Request) -> dict[str, Any]:
+        assert "wait" in request.url.params  # a long poll, never a bare busy poll
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    return answer
+
+
+def test_remote_submit_wait_prints_the_result(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote(
+        {
+            ("POST", JOBS_PATH): api_job(),
+            ("GET", JOB_PATH): wait_answers(api_job(status="processing"), COMPLETED),
+            ("GET", EVENTS_PATH): {"data": API_EVENTS},
+        }
+    )
+
+    result = run(runner, "submit", *PIAPI, "--wait", "--timeout", "300")
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split() == [REMOTE_ID, "piapi"]
+    assert "- -> queued" in lines[1] and "(accepted)" in lines[1]
+    assert "queued -> completed" in lines[2]
+    assert "status: completed" in result.output
+    assert "result:   https://cdn.t/1" in result.output
+    assert f"result:   {API_URL}/v1/jobs/{REMOTE_ID}/results/1" in result.output
+    waits = [float(r.url.params["wait"]) for r in api.sent("GET", JOB_PATH)]
+    assert len(waits) == 2 and all(0 < w <= 60 for w in waits)
+
+
+@pytest.mark.parametrize(
+    ("final", "code", "shown"),
+    [
+        (FAILED, 1, "error:  upstream_failed: the provider lost the image"),
+        (
+            api_job(status="cancelled", error={"code": "cancelled", "message": "by request"}),
+            0,
+            "status: cancelled",
+        ),
+    ],
+    ids=["failed", "cancelled"],
+)
+def test_remote_submit_wait_of_a_job_that_did_not_complete(
+    runner: CliRunner, remote: Callable[..., FakeAPI], final: dict[str, Any], code: int, shown: str
+) -> None:
+    remote(
+        {
+            ("POST", JOBS_PATH): api_job(),
+            ("GET", JOB_PATH): wait_answers(final),
+            ("GET", EVENTS_PATH): {"data": []},
+        }
+    )
+
+    result = run(runner, "submit", *PIAPI, "--wait")
+
+    assert result.exit_code == code, result.output
+    assert shown in result.output
+
+
+def test_remote_submit_wait_that_times_out_exits_3(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    remote({("POST", JOBS_PATH): api_job(), ("GET", JOB_PATH): wait_answers(api_job())})
+
+    result = run(runner, "submit", *PIAPI, "--wait", "--timeout", "0", "--json")
+
+    assert result.exit_code == 3, result.output
+    assert error_line(result) == f"Error: job {REMOTE_ID} not finished after 0s (still queued)"
+
+
+def test_remote_status_shows_the_timeline(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote({("GET", JOB_PATH): COMPLETED, ("GET", EVENTS_PATH): {"data": API_EVENTS}})
+
+    text = run(runner, "status", REMOTE_ID)
+    as_json = run(runner, "status", REMOTE_ID, "--json")
+
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert lines[0].split() == [REMOTE_ID, "piapi", "completed", "100%"]
+    assert "api" in lines[1] and "(accepted)" in lines[1]
+    assert "poll" in lines[2] and "queued -> completed" in lines[2]
+    assert "status: completed" in text.output
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.output)
+    assert data["result_urls"][0] == "https://cdn.t/1"
+    assert [e["to_status"] for e in data["events"]] == ["queued", "completed"]
+    assert data["results"][1] == {
+        "index": 1,
+        "url": f"/v1/jobs/{REMOTE_ID}/results/1",
+        "provider_url": None,
+    }
+    assert all("wait" not in r.url.params for r in api.requests)
+
+
+def test_remote_status_of_a_failed_job_exits_1(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    remote({("GET", JOB_PATH): FAILED, ("GET", EVENTS_PATH): {"data": []}})
+
+    result = run(runner, "status", REMOTE_ID)
+
+    assert result.exit_code == 1, result.output
+    assert "error:  upstream_failed: the provider lost the image" in result.output
+
+
+@pytest.mark.parametrize("command", ["status", "cancel"])
+def test_remote_unknown_job_exits_2_naming_it(
+    runner: CliRunner, remote: Callable[..., FakeAPI], command: str
+) -> None:
+    remote({})  # every path is a 404
+
+    result = run(runner, command, "nope")
+
+    assert result.exit_code == 2, result.output
+    assert "JOB_ID" in result.output and "no job with id nope" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_remote_cancel(runner: CliRunner, remote: Callable[..., FakeAPI]) -> None:
+    cancelled = api_job(status="cancelled", error={"code": "cancelled", "message": "by request"})
+    api = remote({("POST", f"{JOB_PATH}/cancel"): cancelled})
+
+    result = run(runner, "cancel", REMOTE_ID)
+
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == [REMOTE_ID, "cancelled"]
+    assert len(api.requests) == 1
+
+
+def page_of(request: httpx.Request) -> dict[str, Any]:
+    pages = {None: (["a", "b"], "c1"), "c1": (["c", "d"], "c2"), "c2": (["e"], None)}
+    ids, cursor = pages[request.url.params.get("cursor")]
+    jobs = [api_job(id=i, status="failed", error={"code": "timeout", "message": "m"}) for i in ids]
+    return {"data": jobs, "next_cursor": cursor}
+
+
+def test_remote_list_maps_the_filters_and_follows_pages(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote({("GET", JOBS_PATH): page_of})
+
+    result = run(
+        runner, "list", "--status", "failed", "--status", "queued", "--provider", "piapi",
+        "--since", "2000-01-01",
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert listed(result) == ["a", "b", "c", "d", "e"]
+    assert "timeout" in result.output.splitlines()[1]
+    first = api.requests[0].url.params
+    assert first.get_list("status") == ["failed", "queued"]
+    assert first["provider"] == "piapi"
+    assert first["created_since"] == "2000-01-01T00:00:00+00:00"
+    assert first["limit"] == "50"
+    assert [r.url.params.get("cursor") for r in api.requests] == [None, "c1", "c2"]
+
+
+def test_remote_list_stops_at_the_limit(runner: CliRunner, remote: Callable[..., FakeAPI]) -> None:
+    api = remote({("GET", JOBS_PATH): page_of})
+
+    result = run(runner, "list", "--limit", "3", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert listed_json(result) == ["a", "b", "c"]
+    assert len(api.requests) == 2  # no page asked for past the limit
+    assert json.loads(result.output)[0]["events"] == []
+
+
+def test_remote_list_asks_for_pages_of_at_most_100(
+    runner: CliRunner, remote: Callable[..., FakeAPI]
+) -> None:
+    api = remote({("GET", JOBS_PATH): {"data": [], "next_cursor": None}})
+
+    result = run(runner, "list", "--limit", "500")
+
+    assert result.exit_code == 0, result.output
+    assert listed(result) == []
+    assert api.requests[0].url.params["limit"] == "100"
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected", "tries"),
+    [
+        (api_problem(401, "Unauthenticated"), "refused the token", 1),
+        (api_problem(503, "Unavailable", "restarting"), "answered 503 Unavailable: restarting", 2),
+        (httpx.ConnectError("refused"), "cannot reach the API at https://variflow.test", 2),
+        (
+            httpx.Response(502, text="<html>bad</html>", headers={"content-type": "text/html"}),
+            "answered 502 Bad Gateway",
+            2,
+        ),
+    ],
+    ids=["401", "503", "unreachable", "proxy-html"],
+)
+@pytest.mark.parametrize("command", [["status", REMOTE_ID], ["list"], ["submit", *PIAPI]])
+def test_remote_api_failures_are_one_line(
+    runner: CliRunner,
+    remote: Callable[..., FakeAPI],
+    answer: httpx.Response | Exception,
+    expected: str,
+    tries: int,
+    command: list[str],
+) -> None:
+    routes = [("GET", JOB_PATH), ("GET", JOBS_PATH), ("POST", JOBS_PATH)]
+    api = remote({route: lambda _request: answer for route in routes})
+
+    result = run(runner, *command)
+
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert expected in line
+    assert API_TOKEN not in result.output
+    assert len(api.requests) == tries  # max_retries=1 in the fixture: 503, 502 and a
+    # connection error are tried twice, a 401 once
+
+
+@pytest.mark.parametrize(
+    ("variables", "missing"),
+    [
+        ({"VARIFLOW_API_URL": API_URL}, "VARIFLOW_API_TOKEN"),
+        ({"VARIFLOW_API_TOKEN": "t"}, "VARIFLOW_API_URL"),
+    ],
+)
+def test_half_a_remote_setting_exits_2_naming_the_other(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], missing: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    result = run(runner, "status", REMOTE_ID)
+
+    assert result.exit_code == 2, result.output
+    assert error_line(result).startswith(f"Error: {missing} is not set")
+
+
+def test_remote_mode_without_the_client_installed_says_how_to_install_it(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VARIFLOW_API_URL", API_URL)
+    monkeypatch.setenv("VARIFLOW_API_TOKEN", API_TOKEN)
+    monkeypatch.setitem(sys.modules, "variflow_client", None)  # import fails as if absent
+
+    result = run(runner, "list")
+
+    assert result.exit_code == 2, result.output
+    assert "pip install variflow-client (clients/python" in error_line(result)
+
+
+def test_the_default_remote_client_is_a_variflow_client() -> None:
+    from variflow_client import Client
+
+    from worker.cli import remote_client
+
+    with remote_client(API_URL, API_TOKEN) as made:
+        assert isinstance(made, Client)
+        assert made.base_url == API_URL

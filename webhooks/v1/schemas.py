@@ -124,7 +124,7 @@ class Job(BaseModel):
     progress: int = Field(ge=0, le=100)
     tenant: str | None
     input: dict[str, Any]
-    metadata: dict[str, str] | None
+    metadata: dict[str, str]
     idempotency_key: str | None
     error: JobError | None
     results: list[ResultLink]

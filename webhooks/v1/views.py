@@ -383,7 +383,7 @@ def _job(job: JobInfo) -> dict[str, Any]:
         "progress": job.progress,
         "tenant": job.tenant,
         "input": job.params,
-        "metadata": job.metadata,
+        "metadata": job.metadata or {},
         "idempotency_key": job.idempotency_key,
         "error": error,
         "results": results,
