@@ -119,8 +119,11 @@ def sandbox(host: str, port: int) -> None:
 @click.option("--host", default=None, help="Default: VARIFLOW_HOST.")
 @click.option("--port", default=None, type=int, help="Default: VARIFLOW_PORT.")
 @click.option("--workers", default=2, show_default=True, type=int)
-def serve(host: str | None, port: int | None, workers: int) -> None:
-    """Run the webhook receiver under gunicorn."""
+@click.option(
+    "--threads", default=None, type=int, help="Per worker. Default: VARIFLOW_WEB_THREADS."
+)
+def serve(host: str | None, port: int | None, workers: int, threads: int | None) -> None:
+    """Run the web app (webhooks, the /v1 API, the dashboard) under gunicorn."""
     settings = _settings()
     bind = f"{host or settings.host}:{port or settings.port}"
     os.execvp(
@@ -138,7 +141,7 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
             "--worker-class",
             "gthread",
             "--threads",
-            "4",
+            str(threads or settings.web_threads),
             "--access-logfile",
             "-",
             "webhooks.wsgi:app",

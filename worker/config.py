@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     public_url: AnyHttpUrl | None = None
+    # Threads per gunicorn worker of `variflow serve`. A `GET /v1/jobs/{id}?wait=`
+    # holds one while it waits (never a database connection); at most all but
+    # WEB_FREE_THREADS of them wait at once, so webhooks and creates always have threads.
+    web_threads: int = Field(default=16, ge=1, le=512)
 
     # Providers new jobs may use (default: every registered one). Jobs already
     # in flight keep their adapter when a provider is disabled.

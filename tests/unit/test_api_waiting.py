@@ -37,7 +37,7 @@ def wait_in_thread(watcher: Watcher, job_id: uuid.UUID, results: list[bool]) -> 
 
 def test_waiters_wake_when_their_job_ends_and_not_before() -> None:
     statuses = Statuses()
-    watcher = Watcher(statuses, tick=0.001)
+    watcher = Watcher(statuses, max_waiters=8, tick=0.001)
     a, b = uuid.uuid4(), uuid.uuid4()
     statuses.now = {a: "processing", b: "queued"}
     results: list[bool] = []
@@ -58,7 +58,7 @@ def test_waiters_wake_when_their_job_ends_and_not_before() -> None:
 
 def test_a_job_that_disappears_wakes_its_waiter() -> None:
     statuses = Statuses()
-    watcher = Watcher(statuses, tick=0.001)
+    watcher = Watcher(statuses, max_waiters=8, tick=0.001)
     results: list[bool] = []
     wait_in_thread(watcher, uuid.uuid4(), results).join(10)
     assert results == [True]
@@ -66,7 +66,7 @@ def test_a_job_that_disappears_wakes_its_waiter() -> None:
 
 def test_a_failing_check_is_retried_and_a_timeout_is_false() -> None:
     statuses = Statuses()
-    watcher = Watcher(statuses, tick=0.001)
+    watcher = Watcher(statuses, max_waiters=8, tick=0.001)
     job_id = uuid.uuid4()
     statuses.now = {job_id: "queued"}
     statuses.fail_next = 3
@@ -81,3 +81,20 @@ def test_a_failing_check_is_retried_and_a_timeout_is_false() -> None:
     still = uuid.uuid4()
     statuses.now[still] = "processing"
     assert watcher.wait(still, 0.01) is False  # never ends: the timeout answers
+
+
+def test_beyond_max_waiters_a_wait_answers_at_once() -> None:
+    # The threads of a web process are not all given to waiters: the rest answer at once.
+    statuses = Statuses()
+    watcher = Watcher(statuses, max_waiters=2, tick=0.001)
+    jobs = [uuid.uuid4() for _ in range(3)]
+    statuses.now = dict.fromkeys(jobs, "queued")
+    results: list[bool] = []
+    threads = [wait_in_thread(watcher, job_id, results) for job_id in jobs[:2]]
+    assert watcher.wait(jobs[2], 60) is False  # not held: two wait already
+    assert jobs[2] not in watcher.watched()
+    for job_id in jobs[:2]:
+        statuses.now[job_id] = "completed"
+    for thread in threads:
+        thread.join(10)
+    assert results == [True, True]

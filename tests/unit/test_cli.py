@@ -537,7 +537,7 @@ HELP: list[tuple[list[str], str]] = [
     (["status"], "Show a job and its timeline"),
     (["list"], "List jobs"),
     (["cancel"], "Cancel a job"),
-    (["serve"], "webhook receiver"),
+    (["serve"], "the /v1 API"),
     (["sandbox"], "emulator of the three provider APIs"),
     (["db"], "Database schema"),
     (["db", "upgrade"], "Apply migrations"),
@@ -645,16 +645,18 @@ def test_flower_with_basic_auth_passes_it_through_the_environment(
 def test_serve_binds_the_configured_port(
     runner: CliRunner, configure: Configure, execvp: Exec
 ) -> None:
-    configure(port=8765, host="0.0.0.0")
+    configure(port=8765, host="0.0.0.0", web_threads=24)
 
     default = run(runner, "serve")
-    explicit = run(runner, "serve", "--port", "9001", "--workers", "3")
+    explicit = run(runner, "serve", "--port", "9001", "--workers", "3", "--threads", "6")
 
     assert default.exit_code == explicit.exit_code == 0, default.output + explicit.output
     (_, first), (_, second) = execvp.calls
     assert first[first.index("--bind") + 1] == "0.0.0.0:8765"
+    assert first[first.index("--threads") + 1] == "24"
     assert second[second.index("--bind") + 1] == "0.0.0.0:9001"
     assert second[second.index("--workers") + 1] == "3"
+    assert second[second.index("--threads") + 1] == "6"
     assert first[-1] == "webhooks.wsgi:app"
 
 

@@ -24,7 +24,7 @@ from webhooks.v1.auth import caller, visible_tenant
 from webhooks.v1.openapi import Api, Operation, Param, query_of, validated
 from webhooks.v1.problems import ProblemError, invalid
 from webhooks.v1.schemas import NUMBER, CreateJob, CreateJobForm, Problem
-from webhooks.v1.waiting import Watcher
+from webhooks.v1.waiting import WEB_FREE_THREADS, Watcher
 from worker import api as jobs_api
 from worker.api import JobInfo, ResultSource
 from worker.errors import IdempotencyConflict, InvalidInput, JobNotFound
@@ -411,6 +411,9 @@ def _watcher() -> Watcher:
         found = current_app.extensions.get("variflow.watcher")
         if found is None or found.pid != os.getpid():
             rt = runtime()
-            found = Watcher(lambda ids: jobs_api.job_statuses(ids, runtime=rt))
+            found = Watcher(
+                lambda ids: jobs_api.job_statuses(ids, runtime=rt),
+                max_waiters=max(1, rt.settings.web_threads - WEB_FREE_THREADS),
+            )
             current_app.extensions["variflow.watcher"] = found
     return found

@@ -20,14 +20,17 @@ from worker.states import JobStatus
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.2
+# Threads of a web process never held by waiters (webhooks and creates need them).
+WEB_FREE_THREADS = 4
 Check = Callable[[Collection[uuid.UUID]], dict[uuid.UUID, str]]
 
 
 class Watcher:
     """Wakes waiters when their job is terminal (or gone)."""
 
-    def __init__(self, check: Check, tick: float = TICK_SECONDS) -> None:
+    def __init__(self, check: Check, *, max_waiters: int, tick: float = TICK_SECONDS) -> None:
         self._check = check
+        self._max_waiters = max_waiters
         self._tick = tick
         self._lock = threading.Lock()
         self._waiters: dict[uuid.UUID, list[threading.Event]] = {}
@@ -40,9 +43,15 @@ class Watcher:
             return frozenset(self._waiters)
 
     def wait(self, job_id: uuid.UUID, timeout: float) -> bool:
-        """Block until the job is terminal (True) or ``timeout`` seconds pass (False)."""
+        """Block until the job is terminal (True) or ``timeout`` seconds pass (False).
+
+        With ``max_waiters`` requests waiting already, return False at once: the
+        request answers with the job as it is, and the client asks again.
+        """
         ended = threading.Event()
         with self._lock:
+            if sum(len(events) for events in self._waiters.values()) >= self._max_waiters:
+                return False
             self._waiters.setdefault(job_id, []).append(ended)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
