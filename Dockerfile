@@ -21,8 +21,10 @@ COPY worker ./worker
 COPY webhooks ./webhooks
 COPY sandbox ./sandbox
 COPY migrations ./migrations
-RUN pip install . \
- && rm -rf /src/build
+# The HTTP client too: `variflow status|list|...` work remotely with VARIFLOW_API_URL.
+COPY clients/python ./clients/python
+RUN pip install . ./clients/python \
+ && rm -rf /src/build ./clients/python/build
 
 # Run from the data folder, not the source tree: the code imported is the installed one.
 WORKDIR /var/lib/variflow
