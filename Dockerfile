@@ -21,7 +21,7 @@ COPY worker ./worker
 COPY webhooks ./webhooks
 COPY sandbox ./sandbox
 COPY migrations ./migrations
-# The HTTP client too: `variflow status|list|...` work remotely with VARIFLOW_API_URL.
+# The HTTP client too: the CLI can then work against a remote API (README, "Over HTTP").
 COPY clients/python ./clients/python
 RUN pip install . ./clients/python \
  && rm -rf /src/build ./clients/python/build
