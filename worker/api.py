@@ -351,10 +351,15 @@ def request_fingerprint(
 
 
 def resubmit_job(
-    job_id: uuid.UUID | str, *, tenant: str | None = None, runtime: Runtime | None = None
+    job_id: uuid.UUID | str,
+    *,
+    tenant: str | None = None,
+    idempotency_key: str | None = None,
+    runtime: Runtime | None = None,
 ) -> JobInfo:
     """A new queued job asking what ``job_id`` asked (input, stored image, deadline length,
-    notify_url, on-complete task, metadata, tenant). ``tenant``: see :func:`get_job`."""
+    notify_url, on-complete task, metadata, tenant). ``tenant``: see :func:`get_job`;
+    the same ``idempotency_key`` returns the job it first made (a double click)."""
     rt = runtime or _runtime()
     job_uuid = _as_uuid(job_id)
 
@@ -378,6 +383,7 @@ def resubmit_job(
         on_complete_task=old.on_complete_task,
         tenant=old.tenant,
         metadata=old.job_metadata,
+        idempotency_key=idempotency_key,
         runtime=rt,
         **old.params,
     )

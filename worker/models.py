@@ -104,6 +104,8 @@ class Job(Base):
             "idempotency_key",
             unique=True,
         ),
+        # Finding a job by its key alone (the dashboard's search).
+        Index("ix_jobs_idempotency_key", "idempotency_key"),
         # The sweep's overdue query.
         Index("ix_jobs_status_deadline", "status", "deadline"),
     )

@@ -29,10 +29,12 @@ def upgrade() -> None:
         [sa.func.coalesce(sa.text("tenant"), ""), "idempotency_key"],
         unique=True,
     )
+    op.create_index("ix_jobs_idempotency_key", "jobs", ["idempotency_key"])
 
 
 def downgrade() -> None:
     # Fails if two tenants share a key, which the old global rule cannot hold.
+    op.drop_index("ix_jobs_idempotency_key", table_name="jobs")
     op.drop_index("uq_jobs_tenant_idempotency_key", table_name="jobs")
     with op.batch_alter_table("jobs") as batch:
         batch.create_unique_constraint("uq_jobs_idempotency_key", ["idempotency_key"])

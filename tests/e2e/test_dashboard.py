@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from tests.conftest import REQUIRE_SERVICES, Configure
 from tests.e2e.conftest import RunningStack
-from worker.api import submit_variation
+from worker.api import cancel_job, get_job, submit_variation
 from worker.models import Job
 from worker.runtime import session_scope
 
@@ -126,6 +126,18 @@ def wait_images(driver: WebDriver, selector: str, timeout: float = 20.0) -> None
         raise AssertionError(f"images {selector!r} did not load: {state}") from None
 
 
+def log_in(driver: WebDriver, web: str) -> None:
+    """As a person would after answering the browser's prompt: the credentials are
+    given once and cached for the origin; the pages' own URLs carry none."""
+    driver.get(f"http://{USER}:{PASSWORD}@{web.removeprefix('http://')}/dashboard")
+
+
+def text_of(driver: WebDriver, selector: str) -> str:
+    """The text of the element, or "" while there is none (a page being replaced)."""
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return found[0].text if found else ""
+
+
 def screenshot(driver: WebDriver, name: str) -> Path:
     """A full-page PNG under test-artifacts/ (git-ignored); prints where."""
     shot: dict[str, Any] = driver.execute_cdp_cmd(
@@ -161,9 +173,7 @@ def test_dashboard_shows_a_finished_job_in_a_browser(
     assert httpx.get(f"{web}/dashboard", timeout=10).status_code == 401
     assert httpx.get(f"{web}/dashboard", auth=(USER, PASSWORD), timeout=10).status_code == 200
 
-    # As a person would after answering the browser's prompt: the credentials
-    # are given once and cached for the origin; the pages' own URLs carry none.
-    browser.get(f"http://{USER}:{PASSWORD}@{web.removeprefix('http://')}/dashboard")
+    log_in(browser, web)
     browser.get(f"{web}/dashboard")
     counts = browser.find_element(By.CSS_SELECTOR, 'a[data-status="completed"] .n')
     assert int(counts.text) == 2
@@ -190,3 +200,70 @@ def test_dashboard_shows_a_finished_job_in_a_browser(
     wait_images(browser, "#input img")
     wait_images(browser, "img.result")
     screenshot(browser, "dashboard-job-with-input.png")
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+def test_an_operator_cancels_a_running_job_and_retries_it(
+    chromium: None,
+    dashboard_credentials: tuple[str, str],
+    running_stack: RunningStack,
+    browser: WebDriver,
+) -> None:
+    web = running_stack.web_url
+    # Tasks stay in flight upstream until the test ends them.
+    running_stack.sandbox.state.update_config(processing_seconds=600.0)
+    slow = submit_variation("piapi", origin_task_id="imagine-5", index="1", prompt="a slow snail")
+    other = submit_variation("piapi", origin_task_id="imagine-6", index="4", prompt="a sloth")
+    for job_id in (slow.id, other.id):
+        running_stack.wait_for(
+            lambda job_id=job_id: get_job(job_id).status in ("submitted", "processing"),
+            what=f"job {job_id} to be running",
+        )
+    wait = WebDriverWait(browser, 20)
+
+    # The list refreshes itself while jobs are in flight: a job ended elsewhere
+    # shows as ended without the page being loaded again (the script runs, so
+    # the policy allows it).
+    log_in(browser, web)
+    browser.get(f"{web}/dashboard")
+    assert browser.find_elements(By.CSS_SELECTOR, "#jobs[data-refresh]")
+    browser.execute_script("window.sameDocument = true;")
+    cancel_job(other.id, "ended by the test")
+    wait.until(lambda d: text_of(d, f'tr[data-job="{other.id}"] .badge') == "cancelled")
+    assert browser.execute_script("return window.sameDocument === true;")
+    assert text_of(browser, f'tr[data-job="{slow.id}"] .badge') in ("submitted", "processing")
+
+    # Found by a prefix of its id, the running job is cancelled from its page.
+    search = browser.find_element(By.ID, "search")
+    search.send_keys(str(slow.id)[:8])
+    search.submit()
+    wait.until(lambda d: d.current_url == f"{web}/dashboard/jobs/{slow.id}")
+    assert text_of(browser, "#job-status") in ("submitted", "processing")
+    assert not browser.find_elements(By.ID, "retry")
+    browser.find_element(By.ID, "cancel").click()
+    wait.until(lambda d: "notice=cancelled" in d.current_url)
+    wait.until(lambda d: text_of(d, "#job-status") == "cancelled")
+    assert text_of(browser, "#notice") == "Cancelled."
+    assert f"by {USER}" in text_of(browser, "#job-error")
+    assert not browser.find_elements(By.ID, "cancel")
+    assert get_job(slow.id).status == "cancelled"
+    screenshot(browser, "dashboard-job-cancelled.png")
+
+    # Nothing is in flight now: the list stands still.
+    browser.get(f"{web}/dashboard")
+    assert text_of(browser, f'tr[data-job="{slow.id}"] .badge') == "cancelled"
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-refresh]")
+    assert not browser.find_elements(By.TAG_NAME, "script")
+
+    # Retried as a new job, which the worker takes up like any other.
+    browser.get(f"{web}/dashboard/jobs/{slow.id}")
+    browser.find_element(By.ID, "retry").click()
+    wait.until(lambda d: "notice=retried" in d.current_url)
+    new_id = browser.current_url.split("/dashboard/jobs/", 1)[1].split("?", 1)[0]
+    assert new_id != str(slow.id)
+    assert text_of(browser, "#notice") == f"Created as a retry of job {slow.id}"
+    retried = running_stack.wait_for(
+        lambda: get_job(new_id) if get_job(new_id).status == "processing" else None,
+        what="the retried job to run",
+    )
+    assert retried.params == get_job(slow.id).params

@@ -1,7 +1,9 @@
-"""The jobs dashboard (webhooks/dashboard.py) through Flask's test client, on SQLite."""
+"""The jobs dashboard (webhooks/dashboard/) through Flask's test client, on SQLite."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import re
 import uuid
@@ -156,9 +158,20 @@ def test_without_configured_credentials_there_is_no_dashboard(
 def test_pages_are_not_cached_and_carry_a_strict_policy(client: FlaskClient) -> None:
     response = client.get("/dashboard", auth=AUTH)
     assert response.headers["Cache-Control"] == "no-store"
-    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    policy = csp(response.headers["Content-Security-Policy"])
+    assert policy["default-src"] == ["'none'"]
+    # Scripts: only the live list's, by its hash; never inline ones in general.
+    assert len(policy["script-src"]) == 1 and policy["script-src"][0].startswith("'sha256-")
+    assert policy["connect-src"] == ["'self'"] and policy["form-action"] == ["'self'"]
     assert response.headers["X-Content-Type-Options"] == "nosniff"
-    assert response.headers["Referrer-Policy"] == "no-referrer"
+    # No referrer to other origins (hotlinked results); the forms' POSTs keep their Origin.
+    assert response.headers["Referrer-Policy"] == "same-origin"
+    assert '<meta name="referrer" content="same-origin">' in response.text
+
+
+def csp(header: str) -> dict[str, list[str]]:
+    directives = (part.split() for part in header.split(";") if part.strip())
+    return {name: values for name, *values in directives}
 
 
 # --- the jobs list -------------------------------------------------------------
@@ -401,3 +414,99 @@ def test_everything_is_escaped(client: FlaskClient) -> None:
         html = client.get(path, auth=AUTH).text
         assert "<script>" not in html and "<b>code</b>" not in html, path
         assert "&lt;script&gt;" in html, path
+
+
+# --- tenant -------------------------------------------------------------------------
+
+
+def test_the_tenant_is_shown_in_the_list_and_on_the_job_page(client: FlaskClient) -> None:
+    mine = insert_job(tenant="acme-corp", age=2)
+    nobody = insert_job(age=1)
+    evil = insert_job(tenant="<i>t</i>")
+
+    html = client.get("/dashboard", auth=AUTH).text
+    tenants = re.findall(r'<td class="tenant">(.*?)</td>', html)
+    assert tenants == ["&lt;i&gt;t&lt;/i&gt;", '<span class="muted">—</span>', "acme-corp"]
+    assert "<th>Tenant</th>" in html
+
+    page = client.get(f"/dashboard/jobs/{mine}", auth=AUTH).text
+    assert '<dd id="job-tenant">acme-corp</dd>' in page
+    page = client.get(f"/dashboard/jobs/{nobody}", auth=AUTH).text
+    assert '<dd id="job-tenant">—</dd>' in page
+    assert "<i>t</i>" not in client.get(f"/dashboard/jobs/{evil}", auth=AUTH).text
+
+
+# --- the live list --------------------------------------------------------------------
+
+SCRIPT = re.compile(r"<script>(.*?)</script>", re.S)
+
+
+def live(html: str) -> bool:
+    jobs = html.split('<section id="jobs"', 1)[1].split(">", 1)[0]
+    return "data-refresh=" in jobs
+
+
+@pytest.mark.parametrize("status", ["queued", "submitted", "processing"])
+def test_the_list_refreshes_while_a_job_on_it_is_in_flight(
+    client: FlaskClient, status: str
+) -> None:
+    insert_job(status="completed", age=2)
+    insert_job(status=status, age=1)
+
+    response = client.get("/dashboard", auth=AUTH)
+
+    assert live(response.text)
+    scripts = SCRIPT.findall(response.text)
+    assert len(scripts) == 1
+    # The script runs only if its hash is the one the policy allows.
+    digest = base64.b64encode(hashlib.sha256(scripts[0].encode()).digest()).decode()
+    policy = csp(response.headers["Content-Security-Policy"])
+    assert policy["script-src"] == [f"'sha256-{digest}'"]
+    # The regions the script swaps are on the page, with ids.
+    assert 'id="counts" data-live' in response.text and 'id="jobs" data-live' in response.text
+
+
+def test_the_list_stands_still_when_nothing_on_it_is_in_flight(client: FlaskClient) -> None:
+    for status in ("completed", "failed", "cancelled"):
+        insert_job(status=status)
+    html = client.get("/dashboard", auth=AUTH).text
+    assert not live(html) and "<script" not in html
+    # Empty, too.
+    assert "<script" not in client.get("/dashboard?status=queued", auth=AUTH).text
+
+
+def test_only_the_jobs_shown_decide(client: FlaskClient) -> None:
+    in_flight = insert_job(status="processing", age=10_000)
+    for n in range(PAGE_SIZE):
+        insert_job(status="completed", age=n)
+    assert not live(client.get("/dashboard", auth=AUTH).text)  # it is on page 2
+    assert live(client.get("/dashboard?page=2", auth=AUTH).text)
+    assert live(client.get("/dashboard?status=processing", auth=AUTH).text)
+    assert not live(client.get("/dashboard?status=completed", auth=AUTH).text)
+    # A job page never refreshes itself.
+    assert "<script" not in client.get(f"/dashboard/jobs/{in_flight}", auth=AUTH).text
+
+
+# --- notices -----------------------------------------------------------------------
+
+
+def test_a_notice_is_one_of_the_dashboard_own_lines(client: FlaskClient) -> None:
+    job_id = insert_job(status="completed")
+    other = uuid.uuid4()
+
+    def notice(query: str) -> str | None:
+        html = client.get(f"/dashboard/jobs/{job_id}{query}", auth=AUTH).text
+        found = re.search(r'<div class="notice" role="status" id="notice">(.*?)</div>', html)
+        return found.group(1) if found else None
+
+    assert notice("") is None
+    assert notice("?notice=cancelled") == "Cancelled."
+    assert notice("?notice=ended") == "Nothing to cancel: the job had already ended (completed)."
+    assert notice(f"?notice=retried&of={other}") == (
+        f'Created as a retry of job <a class="mono" href="/dashboard/jobs/{other}">{other}</a>'
+    )
+    assert notice("?notice=retried&of=%3Cscript%3E") == "Created as a retry of job"
+    # Whatever else a link says is not shown: nobody can put words on the dashboard.
+    assert notice("?notice=%3Cb%3ECall+us%3C/b%3E") is None
+    html = client.get(f"/dashboard/jobs/{job_id}?notice=Call+555", auth=AUTH).text
+    assert "Call 555" not in html

@@ -1,44 +1,29 @@
-"""The operators' jobs dashboard: server-rendered, read-only, behind HTTP basic auth.
+"""What the dashboard reads: plain view objects built from the jobs table.
 
-    GET /dashboard                  counts by status, then the jobs, newest first,
-                                    50 a page (?page=), filtered by ?status= and ?provider=
-    GET /dashboard/jobs/<id>        one job: its fields, input, results, error and timeline
-    GET /dashboard/jobs/<id>/input  the input image stored with the job (job_inputs)
-
-Credentials come from VARIFLOW_DASHBOARD_USER and VARIFLOW_DASHBOARD_PASSWORD.
-Unless both are set, every dashboard URL answers 404, as if there were no
-dashboard: it is never open by default.
-
-Templates get plain view objects built here, never ORM rows, so secrets
-(``webhook_secret_hash``, ``claim_token``) and image bytes cannot reach a page
-by accident; Jinja autoescapes everything else.
+Templates get these, never ORM rows, so secrets (``webhook_secret_hash``,
+``claim_token``) and image bytes cannot reach a page by accident. The
+dashboard only reads rows here; every change goes through worker.api.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Blueprint, Response, abort, render_template, request, url_for
-from flask.typing import ResponseReturnValue
-from sqlalchemy import Select, func, select, union_all
+from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from webhooks.context import runtime
 from worker.api import EventInfo
 from worker.config import Settings
-from worker.models import Job, JobEvent, JobInput, utcnow
+from worker.models import Job, JobEvent, JobInput
 from worker.states import JobStatus
+from worker.validation import bad_character
 
-bp = Blueprint("dashboard", __name__, url_prefix="/dashboard", template_folder="templates")
-
-REALM = "variflow dashboard"
 PAGE_SIZE = 50
 MAX_PAGE = 1000  # deep OFFSETs cost; 50,000 jobs back is far enough for a dashboard
 MAX_EVENTS = 1000
@@ -48,62 +33,11 @@ MAX_THUMBNAILS = 16
 STATUSES = tuple(s.value for s in JobStatus)
 # Input images are served with their own type only when it is one of these.
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp"})
-CSP = (
-    "default-src 'none'; img-src 'self' http: https:; style-src 'unsafe-inline'; "
-    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
-)
-
-
-# --- access ------------------------------------------------------------------
-
-
-def _digest(value: str) -> bytes:
-    # Hashing first makes the comparison independent of the lengths, too.
-    return hashlib.sha256(value.encode("utf-8")).digest()
-
-
-def credentials_match(user: str, password: str, settings: Settings) -> bool:
-    assert settings.dashboard_user is not None and settings.dashboard_password is not None
-    user_ok = hmac.compare_digest(_digest(user), _digest(settings.dashboard_user))
-    password_ok = hmac.compare_digest(
-        _digest(password), _digest(settings.dashboard_password.get_secret_value())
-    )
-    return user_ok and password_ok  # both compared, whatever the first answered
-
-
-def dashboard_enabled(settings: Settings) -> bool:
-    return bool(
-        settings.dashboard_user
-        and settings.dashboard_password
-        and settings.dashboard_password.get_secret_value()
-    )
-
-
-@bp.before_request
-def _require_credentials() -> ResponseReturnValue | None:
-    settings = runtime().settings
-    if not dashboard_enabled(settings):
-        abort(404)
-    auth = request.authorization
-    if (
-        auth is None
-        or auth.type != "basic"
-        or not credentials_match(auth.username or "", auth.password or "", settings)
-    ):
-        response = Response("authentication required\n", 401, mimetype="text/plain")
-        response.headers["WWW-Authenticate"] = f'Basic realm="{REALM}", charset="UTF-8"'
-        return response
-    return None
-
-
-@bp.after_request
-def _headers(response: Response) -> Response:
-    response.headers.setdefault("Cache-Control", "no-store")
-    response.headers["Content-Security-Policy"] = CSP
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"  # hotlinked results see no job URLs
-    response.headers["X-Frame-Options"] = "DENY"
-    return response
+# The longest search worth running: an idempotency key is a String(255).
+MAX_QUERY_CHARS = 255
+# Fewer hex digits than this would match a sixteenth of all jobs or more.
+MIN_PREFIX_DIGITS = 4
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 # --- what the templates see --------------------------------------------------
@@ -113,12 +47,17 @@ def _headers(response: Response) -> Response:
 class JobRow:
     id: uuid.UUID
     provider: str
+    tenant: str | None
     status: str
     progress: int
     prompt: str | None
     error_code: str | None
     created_at: datetime
     updated_at: datetime
+
+    @property
+    def in_flight(self) -> bool:
+        return not JobStatus(self.status).is_terminal
 
 
 @dataclass(frozen=True)
@@ -149,6 +88,7 @@ class InputInfo:
 class JobPage:
     id: uuid.UUID
     provider: str
+    tenant: str | None
     status: str
     progress: int
     upstream_task_id: str | None
@@ -202,6 +142,7 @@ def status_counts(session: Session, provider: str | None) -> dict[str, int]:
 _ROW_COLUMNS = (
     Job.id,
     Job.provider,
+    Job.tenant,
     Job.status,
     Job.progress,
     Job.params,
@@ -237,20 +178,65 @@ def job_rows(
         .offset(offset)
         .limit(PAGE_SIZE + 1)
     ).all()
-    jobs = [
-        JobRow(
-            id=row.id,
-            provider=row.provider,
-            status=row.status,
-            progress=row.progress,
-            prompt=_short(row.params.get("prompt")) if isinstance(row.params, dict) else None,
-            error_code=row.error_code,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-        )
-        for row in rows[:PAGE_SIZE]
-    ]
-    return jobs, len(rows) > PAGE_SIZE
+    return [_job_row(row) for row in rows[:PAGE_SIZE]], len(rows) > PAGE_SIZE
+
+
+def _job_row(row: Any) -> JobRow:
+    return JobRow(
+        id=row.id,
+        provider=row.provider,
+        tenant=row.tenant,
+        status=row.status,
+        progress=row.progress,
+        prompt=_short(row.params.get("prompt")) if isinstance(row.params, dict) else None,
+        error_code=row.error_code,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def id_range(query: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The ids starting with the hex digits of ``query`` (hyphens ignored), as a range.
+
+    A range of uuid values rather than a LIKE on text: the ids are a native
+    uuid on PostgreSQL and CHAR(32) hex on SQLite, which order alike (byte
+    order is hex order), so one BETWEEN matches the same jobs on both, and
+    uses the primary key's index on both. None: not a prefix (too short, or
+    not hex).
+    """
+    digits = query.replace("-", "").lower()
+    if not MIN_PREFIX_DIGITS <= len(digits) <= 32 or not _HEX.fullmatch(digits):
+        return None
+    return uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+
+
+def search(session: Session, query: str, limit: int = PAGE_SIZE) -> tuple[list[JobRow], bool]:
+    """Jobs whose id is ``query``, whose id starts with it, or whose idempotency key
+    is exactly it, newest first; and whether more than ``limit`` matched."""
+    matches: list[ColumnElement[bool]] = []
+    try:
+        matches.append(Job.id == uuid.UUID(query))  # also {…} and urn:uuid: forms
+    except ValueError:
+        prefix = id_range(query)
+        if prefix is not None:
+            matches.append(Job.id.between(*prefix))
+    # A key with a NUL could never have been stored, and PostgreSQL refuses to compare it.
+    if bad_character(query) is None:
+        matches.append(Job.idempotency_key == query)
+    if not matches:
+        return [], False
+    rows = session.execute(
+        select(*_ROW_COLUMNS)
+        .where(or_(*matches))
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .limit(limit + 1)
+    ).all()
+    return [_job_row(row) for row in rows[:limit]], len(rows) > limit
+
+
+def job_status(session: Session, job_id: uuid.UUID) -> JobStatus | None:
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return JobStatus(status) if status is not None else None
 
 
 def load_job_page(session: Session, job_id: uuid.UUID, settings: Settings) -> JobPage | None:
@@ -287,6 +273,7 @@ def load_job_page(session: Session, job_id: uuid.UUID, settings: Settings) -> Jo
     return JobPage(
         id=job.id,
         provider=job.provider,
+        tenant=job.tenant,
         status=job.status,
         progress=job.progress,
         upstream_task_id=job.upstream_task_id,
@@ -342,114 +329,3 @@ def _param(name: str, value: object) -> Param:
     if len(text) > MAX_VALUE_CHARS:
         text = f"{text[:MAX_VALUE_CHARS]}… ({len(text)} characters)"
     return Param(name, text, link)
-
-
-# --- views -------------------------------------------------------------------
-
-
-def _choice(name: str, allowed: tuple[str, ...]) -> str | None:
-    value = request.args.get(name, "").strip()
-    if not value:
-        return None
-    if value not in allowed:
-        abort(400, description=f"{name}: one of {', '.join(allowed)}")
-    return value
-
-
-def index_url(**args: Any) -> str:
-    """The jobs list with the given query arguments, leaving out empty ones."""
-    values: dict[str, Any] = {k: v for k, v in args.items() if v not in (None, "")}
-    return url_for("dashboard.index", **values)
-
-
-@bp.get("")
-@bp.get("/")
-def index() -> ResponseReturnValue:
-    status = _choice("status", STATUSES)
-    providers = runtime().providers.names()
-    provider = _choice("provider", providers)
-    page = min(max(request.args.get("page", 1, type=int) or 1, 1), MAX_PAGE)
-    with runtime().session() as session:
-        counts = status_counts(session, provider)
-        jobs, has_next = job_rows(session, status, provider, page)
-    total = counts[status] if status else sum(counts.values())
-    return render_template(
-        "dashboard_index.html",
-        counts=counts,
-        total=total,
-        jobs=jobs,
-        status=status,
-        provider=provider,
-        statuses=STATUSES,
-        providers=providers,
-        page=page,
-        first=(page - 1) * PAGE_SIZE + 1,
-        prev_url=index_url(status=status, provider=provider, page=page - 1) if page > 1 else None,
-        next_url=index_url(status=status, provider=provider, page=page + 1)
-        if has_next and page < MAX_PAGE
-        else None,
-        index_url=index_url,
-        now=utcnow(),
-    )
-
-
-@bp.get("/jobs/<uuid:job_id>")
-def job_detail(job_id: uuid.UUID) -> ResponseReturnValue:
-    settings = runtime().settings
-    with runtime().session() as session:
-        job = load_job_page(session, job_id, settings)
-    if job is None:
-        abort(404)
-    return render_template("dashboard_job.html", job=job, index_url=index_url, now=utcnow())
-
-
-@bp.get("/jobs/<uuid:job_id>/input")
-def job_input(job_id: uuid.UUID) -> ResponseReturnValue:
-    with runtime().session() as session:
-        stored = session.execute(
-            select(JobInput.content, JobInput.content_type).where(JobInput.job_id == job_id)
-        ).one_or_none()
-    if stored is None:
-        abort(404)
-    content, kind = stored
-    if kind in IMAGE_TYPES:
-        response = Response(bytes(content), mimetype=kind)
-    else:  # never let a browser render bytes of unknown type from this origin
-        response = Response(bytes(content), mimetype="application/octet-stream")
-        response.headers["Content-Disposition"] = "attachment"
-    response.headers["Cache-Control"] = "private, max-age=3600"  # a job's input never changes
-    return response
-
-
-# --- template helpers --------------------------------------------------------
-
-
-@bp.app_template_filter("dashboard_time")
-def format_time(value: datetime | None, precise: bool = False) -> str:
-    if value is None:
-        return "—"
-    text = value.strftime("%Y-%m-%d %H:%M:%S")
-    return f"{text}.{value.microsecond // 1000:03d}" if precise else text
-
-
-@bp.app_template_filter("dashboard_ago")
-def format_ago(value: datetime | None, now: datetime) -> str:
-    if value is None:
-        return ""
-    return format_duration(now - value, suffix=" ago")
-
-
-@bp.app_template_filter("dashboard_duration")
-def format_duration(value: timedelta | None, suffix: str = "") -> str:
-    if value is None:
-        return "—"
-    seconds = value.total_seconds()
-    if seconds < 0:
-        return "in " + format_duration(-value)
-    if seconds < 60:
-        return f"{seconds:.1f} s{suffix}"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min{suffix}"
-    if seconds < 86400 * 2:
-        return f"{seconds / 3600:.1f} h{suffix}"
-    return f"{seconds / 86400:.0f} d{suffix}"
