@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/webhook_ingest.py
+	$(BIN)/python bench/api_submit.py
 	$(BIN)/python bench/poll_sweep.py
 	$(BIN)/python bench/job_cost.py
 	$(BIN)/python bench/submit_rate.py

@@ -41,7 +41,9 @@ def _sqlite_begin(conn: Any) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pool_size: int = 5) -> Engine:
+    """The engine of ``url``; on PostgreSQL a pool that keeps up to ``pool_size``
+    connections (opened on demand) and opens up to as many more at a peak."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -55,7 +57,7 @@ def make_engine(url: str) -> Engine:
     # the whole pool, and the code that already retries database errors (the
     # submit flow, Celery retries, the sweep, the provider's webhook retries)
     # runs the unit of work again on a fresh connection.
-    return create_engine(url, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size)
 
 
 class Database:
@@ -71,10 +73,11 @@ class Database:
         url: str,
         consumers: Sequence[Consumer] = (),
         after_the_end: AfterTheEnd | None = None,
+        pool_size: int = 5,
     ) -> None:
         self.url = url
         self._consumers = tuple(consumers)
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pool_size)
         info = {AFTER_THE_END_KEY: after_the_end} if after_the_end is not None else {}
         self._factory = sessionmaker(bind=self.engine, expire_on_commit=False, info=info)
         install(self._factory, consumers)

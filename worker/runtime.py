@@ -96,6 +96,9 @@ class Runtime:
                 settings.database_url,
                 consumers,
                 AfterTheEnd(settings.archive_results, bool(settings.on_complete_task)),
+                # A connection kept for each web thread (a Celery process uses one at a
+                # time and opens no more: connections are opened on demand).
+                pool_size=max(5, settings.web_threads),
             ),
             http=client,
             providers=Providers.build(settings, client),
