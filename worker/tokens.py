@@ -15,7 +15,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidInput, VariflowError
@@ -80,10 +80,16 @@ def authenticate(session: Session, secret: str | None) -> TokenInfo | None:
     """The live token whose secret this is, or None (unknown, malformed or revoked)."""
     if not secret or not secret.startswith(PREFIX) or len(secret) > 128:
         return None
-    token = session.scalar(select(ApiToken).where(ApiToken.secret_hash == secret_hash(secret)))
-    if token is None or token.revoked_at is not None:
+    # Columns, not an ORM object: this runs before every API call.
+    found = session.execute(_BY_HASH, {"secret_hash": secret_hash(secret)}).one_or_none()
+    if found is None or found.revoked_at is not None:
         return None
-    return TokenInfo.of(token)
+    return TokenInfo(found.name, found.tenant, found.admin, found.created_at, None)
+
+
+_BY_HASH = select(
+    ApiToken.name, ApiToken.tenant, ApiToken.admin, ApiToken.created_at, ApiToken.revoked_at
+).where(ApiToken.secret_hash == bindparam("secret_hash"))
 
 
 def listed(session: Session) -> list[TokenInfo]:
