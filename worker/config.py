@@ -13,6 +13,7 @@ whose message names the variable.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from standardwebhooks.webhooks import Webhook
 
+from worker.accounts import DEFAULT_ACCOUNT, Account, Limits, limits_from, read_accounts_file
 from worker.errors import ConfigError
 from worker.providers import BUILTIN_PROVIDERS, registered
 from worker.providers.base import ProviderSettings
@@ -114,11 +116,21 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     metrics_dir: Path | None = None
 
+    # Provider accounts and their capacity (worker/accounts.py, worker/capacity.py).
+    accounts_file: Path | None = None
+    # At a daily budget, new submissions wait for the next UTC day or fail at once.
+    budget_policy: Literal["wait", "fail"] = "wait"
+    # This many transient failures in a row open an account's breaker for the cool-down.
+    breaker_threshold: int = Field(default=5, ge=1)
+    breaker_cooldown: float = Field(default=60.0, gt=0)
+
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
 
     # Each registered provider's own section, filled by load_settings().
     _sections: dict[str, ProviderSettings] = PrivateAttr(default_factory=dict)
+    # Each provider's accounts, the first its default, filled by load_settings().
+    _accounts: dict[str, tuple[Account, ...]] = PrivateAttr(default_factory=dict)
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -219,6 +231,10 @@ class Settings(BaseSettings):
             + [self.provider(n).longest_call(self.http_timeout) for n in self.provider_names]
         )
 
+    def accounts(self, provider: str) -> tuple[Account, ...]:
+        """A provider's accounts (at least one: ``main``, of VARIFLOW_<P>_API_KEY)."""
+        return self._accounts.get(provider) or (_main_account(provider, self.provider(provider)),)
+
     def api_key(self, provider: str) -> str | None:
         return self.provider(provider).key()
 
@@ -290,9 +306,29 @@ def load_settings(**overrides: object) -> Settings:
         problems = _named(exc, ENV_PREFIX) + problems
     if not problems:
         settings._sections = sections
+        try:
+            settings._accounts = _accounts_of(settings)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     return settings
+
+
+def _main_account(provider: str, section: ProviderSettings) -> Account:
+    values = {name: getattr(section, name) for name in Limits.names()}
+    return Account(provider, DEFAULT_ACCOUNT, section.key(), limits_from(values, provider))
+
+
+def _accounts_of(settings: Settings) -> dict[str, tuple[Account, ...]]:
+    accounts: dict[str, tuple[Account, ...]] = {
+        name: (_main_account(name, settings.provider(name)),) for name in settings.provider_names
+    }
+    if settings.accounts_file is not None:
+        accounts.update(
+            read_accounts_file(settings.accounts_file, os.environ, settings.provider_names)
+        )
+    return accounts
 
 
 def _named(exc: ValidationError, prefix: str) -> list[str]:

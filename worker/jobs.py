@@ -475,6 +475,7 @@ def create_job(
     tenant: str | None = None,
     request_hash: str | None = None,
     metadata: dict[str, str] | None = None,
+    priority: int = 0,
 ) -> tuple[Job, JobEvent]:
     """A queued job, its input image and its first event (the caller commits).
 
@@ -499,6 +500,7 @@ def create_job(
         tenant=tenant,
         request_hash=request_hash,
         job_metadata=metadata,
+        priority=priority,
         created_at=now,
         updated_at=now,
     )

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -106,6 +107,8 @@ class Job(Base):
         ),
         # Finding a job by its key alone (the dashboard's search).
         Index("ix_jobs_idempotency_key", "idempotency_key"),
+        # A provider's jobs by status: its queue and what its accounts hold in flight.
+        Index("ix_jobs_provider_status_account", "provider", "status", "account"),
         # The sweep's overdue query.
         Index("ix_jobs_status_deadline", "status", "deadline"),
     )
@@ -150,6 +153,13 @@ class Job(Base):
     tenant: Mapped[str | None] = mapped_column(String(64))
     # The application's own labels ({str: str}, bounded by validation.metadata).
     job_metadata: Mapped[dict[str, str] | None] = mapped_column(JSONType)
+    # Provider capacity (worker/capacity.py): the account the job is bound to from its
+    # first admission (its polls and cancels use that key), its place in the
+    # provider's queue (higher first, then oldest), why it waits, and what it cost.
+    account: Mapped[str | None] = mapped_column(String(32))
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    waiting_reason: Mapped[str | None] = mapped_column(String(255))
+    cost: Mapped[float | None] = mapped_column(Float)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     on_complete_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finalized_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -202,6 +212,32 @@ class JobEvent(Base):
 
     def __repr__(self) -> str:
         return f"<JobEvent {self.source} {self.kind} {self.from_status}->{self.to_status}>"
+
+
+class AccountState(Base):
+    """What variflow learned of a provider account's health (worker/capacity.py):
+    a pause (the provider answered 429), the circuit breaker, and the next time a
+    create or a request may be sent under the account's per-minute rates.
+
+    Slots and daily budgets are not kept here: they are counted from job rows,
+    so a dead worker cannot leak them.
+    """
+
+    __tablename__ = "account_states"
+
+    provider: Mapped[str] = mapped_column(String(32), primary_key=True)
+    account: Mapped[str] = mapped_column(String(32), primary_key=True)
+    paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pause_reason: Mapped[str | None] = mapped_column(String(255))
+    # Transient failures in a row; at the threshold the breaker opens until opened_until.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    opened_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The one job let through after the cool-down (half open); its outcome decides.
+    probe_job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # Rates as GCRA: the earliest time the next create / request may go.
+    next_create_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_request_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ApiToken(Base):

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, Self
 
 import httpx
-from pydantic import AnyHttpUrl, SecretStr
+from pydantic import AnyHttpUrl, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker import validation
@@ -98,6 +98,15 @@ class ProviderSettings(BaseSettings):
 
     api_key: SecretStr | None = None
     base_url: AnyHttpUrl
+    # The capacity of the account of api_key (worker/accounts.py); unset: no limit.
+    max_in_flight: int | None = Field(default=None, ge=1)
+    creates_per_minute: int | None = Field(default=None, ge=1)
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    daily_jobs: int | None = Field(default=None, ge=1)
+    daily_failed: int | None = Field(default=None, ge=0)
+    price_per_job: float | None = Field(default=None, ge=0)
+    price_per_image: float | None = Field(default=None, ge=0)
+    daily_spend_cap: float | None = Field(default=None, ge=0)
 
     def key(self) -> str | None:
         """The API key in clear text, for the adapter's auth header only."""
