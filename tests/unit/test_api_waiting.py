@@ -30,7 +30,8 @@ class Statuses:
 def wait_in_thread(watcher: Watcher, job_id: uuid.UUID, results: list[bool]) -> threading.Thread:
     thread = threading.Thread(target=lambda: results.append(watcher.wait(job_id, 60)))
     thread.start()
-    while job_id not in watcher.watched():
+    # Until the wait is registered (or already over: a fast watcher may end it first).
+    while job_id not in watcher.watched() and thread.is_alive():
         threading.Event().wait(0.001)
     return thread
 
