@@ -11,6 +11,7 @@ from flask import Flask, Response, request
 
 from sandbox import lemondata, piapi, piclaza
 from sandbox.admin import admin_bp, files_bp
+from sandbox.clock import Clock
 from sandbox.config import SandboxConfig
 from sandbox.context import EXTENSION_KEY, current_state
 from sandbox.state import SandboxState
@@ -24,10 +25,11 @@ def _count_request(response: Response) -> Response:
     return response
 
 
-def create_sandbox_app(config: SandboxConfig | None = None) -> Flask:
+def create_sandbox_app(config: SandboxConfig | None = None, *, clock: Clock | None = None) -> Flask:
+    """The app; ``clock`` replaces the real clocks (tests: ``sandbox.clock.ManualClock``)."""
     app = Flask("sandbox")
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[EXTENSION_KEY] = SandboxState(config)
+    app.extensions[EXTENSION_KEY] = SandboxState(config, clock=clock)
     app.register_blueprint(piapi.bp)
     app.register_blueprint(piclaza.bp)
     app.register_blueprint(lemondata.bp)

@@ -19,6 +19,8 @@ from typing import Any, cast
 
 ENV_PREFIX = "VARIFLOW_SANDBOX_"
 LEMONDATA_MODES = ("sync", "async", "mixed")
+# In a per-key limit table, the limit of every key not named in it.
+WILDCARD_KEY = "*"
 
 Converter = Callable[[object], Any]
 
@@ -93,6 +95,39 @@ def _to_int_list(value: object) -> list[int]:
     return [_to_int(item) for item in _as_list(value)]
 
 
+def _key_limits(minimum: int) -> Converter:
+    """A per-key limit table: ``{key: n}``, with ``"*"`` for every other key.
+
+    Given as a mapping or JSON object, as ``key=n,key2=m`` text, or as one
+    number meaning ``{"*": n}``. An empty value (the default) means no limit.
+    """
+
+    def convert(value: object) -> dict[str, int]:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return {}
+            if text.startswith("{"):
+                value = json.loads(text)
+            elif "=" in text:
+                pairs = [part.rpartition("=") for part in text.split(",") if part.strip()]
+                value = {key.strip(): number for key, _, number in pairs}
+        if not isinstance(value, dict):
+            return convert({WILDCARD_KEY: value})
+        table: dict[str, int] = {}
+        for key, number in cast(dict[object, object], value).items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"expected non-empty API keys, got {key!r}")
+            table[key] = _to_int(number)
+            if table[key] < minimum:
+                raise ValueError(f"the limit of {key!r} must be at least {minimum}")
+        return table
+
+    return convert
+
+
 def _to_mode(value: object) -> str:
     if isinstance(value, str) and value.strip() in LEMONDATA_MODES:
         return value.strip()
@@ -123,6 +158,10 @@ _CONVERTERS: dict[str, Converter] = {
     "webhook_reorder": _to_bool,
     "lemondata_mode": _to_mode,
     "lemondata_max_image_bytes": _to_int,
+    "piapi_max_concurrent": _key_limits(1),
+    "piapi_daily_failed_allowance": _key_limits(0),
+    "piclaza_max_concurrent": _key_limits(1),
+    "lemondata_requests_per_minute": _key_limits(1),
 }
 
 
@@ -159,6 +198,14 @@ class SandboxConfig:
     webhook_reorder: bool = False
     lemondata_mode: str = "sync"
     lemondata_max_image_bytes: int = 4 * 1024 * 1024
+    # Capacity per API key (sandbox/capacity.py); empty = unlimited, "*" = every other key.
+    # PiAPI: tasks beyond max_concurrent wait as "staged"; creates are refused once the
+    # key's failed tasks of the UTC day reach the allowance.
+    piapi_max_concurrent: dict[str, int] = field(default_factory=dict)
+    piapi_daily_failed_allowance: dict[str, int] = field(default_factory=dict)
+    # Piclaza refuses creates beyond max_concurrent; LemonData counts every request.
+    piclaza_max_concurrent: dict[str, int] = field(default_factory=dict)
+    lemondata_requests_per_minute: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -6,7 +6,8 @@ bodies. Each delivery keeps its body bytes for every retry and duplicate, so a
 receiver sees exactly the same ``timestamp`` again, as PiAPI suggests for
 spotting duplicates. ``clear()`` forgets everything scheduled (sandbox reset):
 work items carry the generation they were created in and stale ones are
-skipped.
+skipped. Times are on the sandbox's clock (``sandbox.clock``); a hand-moved
+clock wakes the timer thread whenever it jumps.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import itertools
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+
+from sandbox.clock import SYSTEM_CLOCK, Clock
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,11 @@ class DeliveryEngine:
         self,
         policy: Callable[[], RetryPolicy],
         on_attempt: Callable[[DeliveryAttempt, bool], None],
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._policy = policy
         self._on_attempt = on_attempt
+        self._clock = clock
         self._lock = threading.Condition()
         self._timers: list[tuple[float, int, int, Callable[[], None]]] = []
         self._sequence = itertools.count()
@@ -96,11 +100,12 @@ class DeliveryEngine:
         self._threads: list[threading.Thread] = []
         self._stop_event = threading.Event()
         self._client: httpx.Client | None = None
+        clock.on_jump(self._recheck_timers)
 
     # -- scheduling ---------------------------------------------------------
 
     def call_at(self, when_mono: float, callback: Callable[[], None]) -> None:
-        """Run ``callback`` on the timer thread at ``time.monotonic() >= when_mono``."""
+        """Run ``callback`` on the timer thread once ``clock.monotonic() >= when_mono``."""
         with self._lock:
             self._ensure_started()
             heapq.heappush(
@@ -113,6 +118,10 @@ class DeliveryEngine:
             self._ensure_started()
             generation = self._generation
         self._jobs.put(_Job(generation, delivery, 1, then))
+
+    def _recheck_timers(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
 
     def clear(self) -> None:
         """Forget every scheduled callback and pending delivery."""
@@ -163,7 +172,7 @@ class DeliveryEngine:
                     if not self._timers:
                         self._lock.wait()
                         continue
-                    delay = self._timers[0][0] - time.monotonic()
+                    delay = self._timers[0][0] - self._clock.monotonic()
                     if delay <= 0:
                         break
                     self._lock.wait(delay)
@@ -218,7 +227,7 @@ class DeliveryEngine:
             status=delivery.status,
             copy=delivery.copy,
             attempt=job.attempt,
-            at=time.time(),
+            at=self._clock.time(),
             http_status=http_status,
             error=error,
         )
@@ -233,5 +242,6 @@ class DeliveryEngine:
             return
         retry = _Job(job.generation, delivery, job.attempt + 1, job.then)
         self.call_at(
-            time.monotonic() + policy.delay_before(retry.attempt), lambda: self._jobs.put(retry)
+            self._clock.monotonic() + policy.delay_before(retry.attempt),
+            lambda: self._jobs.put(retry),
         )

@@ -22,8 +22,19 @@ def piapi_error(status: int, message: str, headers: Mapping[str, str] | None = N
     return json_response({"code": status, "message": message}, status, headers)
 
 
-def piclaza_error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    return json_response({"code": status, "message": message}, status, headers)
+def piclaza_error(
+    status: int,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    http_status: int | None = None,
+) -> Response:
+    """``{"code": status, "message": ...}``; Piclaza may send it in an HTTP 200 answer."""
+    return json_response(
+        {"code": status, "message": message},
+        status if http_status is None else http_status,
+        headers,
+    )
 
 
 def lemondata_error(

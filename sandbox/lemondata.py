@@ -17,16 +17,26 @@ Choices where the contract is silent:
 - While a polled task is not finished, ``data`` is ``[{"url": ""}]`` as in the
   async create answer; a failed task has ``data: []`` and ``error``.
 - Unknown form fields are ignored.
+- Rate limit per key (knob ``lemondata_requests_per_minute``;
+  sandbox/capacity.py): every authenticated request counts, creates and polls
+  alike, in a sliding 60-second window; requests refused by it are not
+  counted, nor are those answered by an injected fault (they are answered
+  before the key is read). Beyond the limit: HTTP 429 with ``Retry-After``
+  (whole seconds until a request would be accepted) and the body of
+  LemonData's guide (type ``rate_limit_error``, code ``rate_limit_exceeded``,
+  as the injected 429s). Every answer to a limited key carries
+  ``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` (after this request) and
+  ``X-RateLimit-Reset`` (Unix time the window next has room). Keys without a
+  limit get none of these headers.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import time
 from typing import Any
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response, g, request
 from PIL import Image
 
 from sandbox import fault_hooks
@@ -61,6 +71,10 @@ def _invalid(param: str, message: str, code: str = "invalid_value", status: int 
     return _Invalid(lemondata_error(status, message, code=code, param=param))
 
 
+def _api_key() -> str:
+    return request.headers.get("Authorization", "").partition(" ")[2].strip()
+
+
 @bp.before_request
 def require_api_key() -> Response | None:
     header = request.headers.get("Authorization", "")
@@ -76,6 +90,32 @@ def require_api_key() -> Response | None:
             401, "Incorrect API key provided.", type_="authentication_error", code="invalid_api_key"
         )
     return None
+
+
+# Registered after require_api_key, so it only ever sees known keys.
+@bp.before_request
+def enforce_rate_limit() -> Response | None:
+    verdict = current_state().count_request("lemondata", _api_key())
+    if verdict is None:
+        return None
+    g.sandbox_rate_headers = verdict.headers()
+    if verdict.allowed:
+        return None
+    return lemondata_error(
+        429,
+        "Rate limit exceeded. Please retry later.",
+        type_="rate_limit_error",
+        code="rate_limit_exceeded",
+        extra={"retryable": True, "retry_after": verdict.retry_after},
+    )
+
+
+@bp.after_request
+def add_rate_headers(response: Response) -> Response:
+    headers: dict[str, str] = g.pop("sandbox_rate_headers", {})
+    for name, value in headers.items():
+        response.headers[name] = value
+    return response
 
 
 def _check_image(data: bytes, limit: int) -> None:
@@ -180,6 +220,7 @@ def create_variation() -> Response:
             result_count=fields["n"],
             image_size=side,
             extra={"response_format": fields["response_format"], "sync": sync},
+            api_key=_api_key(),
         )
     )
     if not sync:
@@ -193,7 +234,9 @@ def create_variation() -> Response:
             }
         )
     # Some LemonData routes answer only when the images exist; emulate that wait.
-    time.sleep(max(0.0, task.terminal_mono - time.monotonic()))
+    end = task.end_mono
+    assert end is not None  # LemonData stages nothing: the task started at creation
+    state.clock.sleep(max(0.0, end - state.clock.monotonic()))
     found = state.lookup("lemondata", task.task_id)
     assert found is not None
     _, view = found

@@ -6,11 +6,22 @@ Choices where the contract is silent:
   a body that is not a JSON object answers the same with ``message`` "body: ...".
 - The webhook endpoint may be ``http://`` (the real service demands public
   HTTPS; locally that cannot be had).
-- Cancel works only while the task is pending. Afterwards the task reads as
+- Capacity per key (knobs ``piapi_max_concurrent``, ``piapi_daily_failed_allowance``;
+  sandbox/capacity.py): a task created while the key's slots are all taken is
+  ``staged`` (usage frozen, no ``started_at``) and becomes ``pending`` the
+  moment a slot frees, first in first out per key; its webhooks are ``staged``
+  at creation, then the usual ones from that moment. Once the key's tasks that
+  failed this UTC day (cancelled ones excepted) reach the allowance, a create
+  answers HTTP 403 ``{"code": 403, "message": "daily limit of incorrect tasks
+  reached: ... no more tasks until <next 00:00 UTC>"}`` and creates nothing.
+  PiAPI documents the consequence ("no more tasks allowed for the day"), not
+  the answer: a refusal for the rest of the day is not a rate limit, so not a
+  429 that invites a retry every few seconds until midnight.
+- Cancel works only while the task is staged or pending. Afterwards the task reads as
   ``status: "failed"`` with ``error.message == "task canceled by user"`` and,
   if it has a webhook, one ``failed`` delivery is sent. PiAPI documents no
   "cancelled" status, so the sandbox does not invent one.
-- Cancelling a task that is not pending answers HTTP 400
+- Cancelling a task that is neither staged nor pending answers HTTP 400
   ``{"code": 400, "message": "task <id> is not pending"}``; an unknown task id
   answers HTTP 404 ``{"code": 404, "message": "task not found"}`` (GET too).
 """
@@ -24,6 +35,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, Response, request
 
 from sandbox import fault_hooks
+from sandbox.capacity import CapacityRefused
 from sandbox.context import current_state
 from sandbox.errors import json_response, piapi_error
 from sandbox.piapi_envelope import envelope
@@ -124,19 +136,23 @@ def create_task() -> Response:
     state = current_state()
     config = state.config
     webhook = (body.get("config") or {}).get("webhook_config") or {}
-    task = state.create_task(
-        NewTask(
-            provider="piapi",
-            correlation=correlation_of(body),
-            request={"input": body["input"], "config": body.get("config") or {}},
-            public_base=request.host_url.rstrip("/"),
-            result_count=config.images_per_task,
-            image_size=config.image_size,
-            with_grid=True,
-            webhook_endpoint=webhook.get("endpoint") or None,
-            webhook_secret=webhook.get("secret") or None,
+    try:
+        task = state.create_task(
+            NewTask(
+                provider="piapi",
+                correlation=correlation_of(body),
+                request={"input": body["input"], "config": body.get("config") or {}},
+                public_base=request.host_url.rstrip("/"),
+                result_count=config.images_per_task,
+                image_size=config.image_size,
+                with_grid=True,
+                webhook_endpoint=webhook.get("endpoint") or None,
+                webhook_secret=webhook.get("secret") or None,
+                api_key=request.headers.get("X-API-Key", ""),
+            )
         )
-    )
+    except CapacityRefused as refused:
+        return piapi_error(403, refused.message)
     found = state.lookup("piapi", task.task_id)
     assert found is not None
     return json_response(envelope(*found))

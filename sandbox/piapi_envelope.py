@@ -64,7 +64,8 @@ def _output(task: Task, view: TaskView) -> dict[str, Any]:
 
 
 def _usage(view: TaskView) -> dict[str, Any]:
-    if view.status in ("pending", "processing"):
+    # Points are frozen from submission (staged included) and consumed on success.
+    if view.status in ("staged", "pending", "processing"):
         return {"type": "point", "frozen": TASK_POINTS, "consume": 0}
     if view.status == "completed":
         return {"type": "point", "frozen": 0, "consume": TASK_POINTS}

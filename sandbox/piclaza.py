@@ -12,13 +12,19 @@ Choices where the contract is silent:
   found", "task_id": ...}`` inside an HTTP 200 answer.
 - One query accepts 1..100 ids; more is a 400.
 - ``reference`` is the input ``image_url``, empty for an uploaded image.
+- Capacity per key (knob ``piclaza_max_concurrent``; sandbox/capacity.py): a
+  create while the key already runs that many unfinished tasks answers HTTP
+  200 ``{"code": 429, "message": "concurrency limit exceeded: ..."}`` and
+  creates nothing. Piclaza documents no limits; over capacity shows as an HTTP
+  429 or as a non-zero ``code`` whose message mentions a limit. The sandbox
+  emulates the second, harder form: an HTTP 429 is plainly transient, a
+  non-zero code in a 200 answer has to be read to be told from a rejection.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import re
 import uuid
@@ -29,6 +35,7 @@ from flask import Blueprint, Response, request
 from PIL import Image
 
 from sandbox import fault_hooks
+from sandbox.capacity import CapacityRefused, key_fingerprint
 from sandbox.context import current_state
 from sandbox.errors import json_response, piclaza_error
 from sandbox.piapi_envelope import iso_time
@@ -42,7 +49,14 @@ TASK_TYPE = "image_variation"
 SOURCES = ("unknown", "api", "web", "ext")
 MAX_QUERY_IDS = 100
 _DATA_URI = re.compile(r"^data:image/[A-Za-z0-9.+-]+;base64,(?P<payload>.+)$", re.DOTALL)
-_STATUS = {"pending": "queued", "processing": "running", "completed": "ok", "failed": "failed"}
+# Piclaza stages nothing (it refuses instead); "staged" is mapped for completeness.
+_STATUS = {
+    "staged": "queued",
+    "pending": "queued",
+    "processing": "running",
+    "completed": "ok",
+    "failed": "failed",
+}
 
 
 @bp.before_request
@@ -53,9 +67,12 @@ def require_api_key() -> Response | None:
     return None
 
 
+def _api_key() -> str:
+    return request.headers.get("X-API-Key", "")
+
+
 def _user_id() -> str:
-    key = request.headers.get("X-API-Key", "")
-    return "user_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+    return "user_" + key_fingerprint(_api_key())
 
 
 def _decode_data_uri(value: str) -> bytes | None:
@@ -113,23 +130,27 @@ def create_task() -> Response:
         # Kept out of /_sandbox/tasks: only its length matters there.
         stored["image_file_b64"] = f"<{len(stored['image_file_b64'])} characters>"
     source = body.get("source") or "api"
-    task = state.create_task(
-        NewTask(
-            provider="piclaza",
-            correlation=body.get("title") or "",
-            request=stored,
-            public_base=request.host_url.rstrip("/"),
-            result_count=config.images_per_task,
-            image_size=config.image_size,
-            extra={
-                "group_id": str(uuid.uuid4()),
-                "request_id": str(uuid.uuid4()),
-                "user_id": _user_id(),
-                "source": source,
-                "reference": body.get("image_url") or "",
-            },
+    try:
+        task = state.create_task(
+            NewTask(
+                provider="piclaza",
+                correlation=body.get("title") or "",
+                request=stored,
+                public_base=request.host_url.rstrip("/"),
+                result_count=config.images_per_task,
+                image_size=config.image_size,
+                extra={
+                    "group_id": str(uuid.uuid4()),
+                    "request_id": str(uuid.uuid4()),
+                    "user_id": _user_id(),
+                    "source": source,
+                    "reference": body.get("image_url") or "",
+                },
+                api_key=_api_key(),
+            )
         )
-    )
+    except CapacityRefused as refused:
+        return piclaza_error(429, refused.message, http_status=200)
     created = iso_time(task.created_at)
     group = {
         "group_id": task.extra["group_id"],

@@ -8,6 +8,7 @@ from types import TracebackType
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from sandbox.app import create_sandbox_app
+from sandbox.clock import Clock
 from sandbox.config import SandboxConfig
 from sandbox.context import EXTENSION_KEY
 from sandbox.state import SandboxState
@@ -24,9 +25,14 @@ class SandboxServer:
     """
 
     def __init__(
-        self, config: SandboxConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SandboxConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Clock | None = None,
     ) -> None:
-        self.app = create_sandbox_app(config)
+        self.app = create_sandbox_app(config, clock=clock)
         self.state: SandboxState = self.app.extensions[EXTENSION_KEY]
         self.host = host
         self.port = port

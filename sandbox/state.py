@@ -14,7 +14,15 @@ one holding back the later ones, so the default order is the natural one even
 under load; different tasks are delivered in parallel. The drop / duplicate /
 reorder knobs are applied per status change: a duplicate follows its original,
 and with ``webhook_reorder`` non-terminal deliveries are held and sent after
-the terminal one, newest first (terminal, processing, pending).
+the terminal one, newest first (terminal, processing, pending). A task that
+waits for a slot (PiAPI ``staged``) sends ``staged`` at creation and the rest
+from the moment it gets its slot.
+
+Capacity (``sandbox.capacity``): every task is enrolled in its key's account,
+which decides when it starts; every read settles the account first, and a timer
+settles it when a running task ends while another waits, so a staged task's
+webhooks go out on time even if nobody polls. Every time comes from ``clock``
+(``sandbox.clock``), which tests may replace.
 """
 
 from __future__ import annotations
@@ -23,12 +31,21 @@ import functools
 import json
 import random
 import threading
-import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from sandbox.capacity import (
+    Account,
+    Capacity,
+    Holder,
+    Moment,
+    RateVerdict,
+    key_fingerprint,
+    limits_for,
+)
+from sandbox.clock import SYSTEM_CLOCK, Clock
 from sandbox.config import SandboxConfig
 from sandbox.delivery import DeliveryAttempt, DeliveryEngine, RetryPolicy, WebhookDelivery
 from sandbox.faults import Fault, FaultKind, decide
@@ -46,6 +63,8 @@ FAILURE_MESSAGES = (
 )
 
 CancelResult = Literal["canceled", "not_pending", "not_found"]
+# Statuses in which a task has not reached the provider's worker and can be cancelled.
+CANCELLABLE = ("staged", "pending")
 
 
 @dataclass
@@ -74,6 +93,8 @@ class NewTask:
     webhook_endpoint: str | None = None
     webhook_secret: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The key that asked; its capacity is used. "" when a test creates tasks directly.
+    api_key: str = ""
 
 
 def _new_counters() -> dict[str, Counter[str]]:
@@ -88,7 +109,8 @@ def _new_counters() -> dict[str, Counter[str]]:
 
 
 class SandboxState:
-    def __init__(self, config: SandboxConfig | None = None) -> None:
+    def __init__(self, config: SandboxConfig | None = None, *, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock if clock is not None else SYSTEM_CLOCK
         self._lock = threading.RLock()
         self._initial_config = config if config is not None else SandboxConfig()
         self._config = self._initial_config
@@ -99,8 +121,9 @@ class SandboxState:
         self._duplicates: list[str] = []
         self._counters = _new_counters()
         self._attempts: list[DeliveryAttempt] = []
+        self._capacity = Capacity()
         self.images = ImageStore()
-        self._delivery = DeliveryEngine(self._retry_policy, self._record_attempt)
+        self._delivery = DeliveryEngine(self._retry_policy, self._record_attempt, self.clock)
 
     # -- knobs ----------------------------------------------------------------
 
@@ -116,6 +139,8 @@ class SandboxState:
             self._config = self._config.updated(knobs)
             if "seed" in knobs:
                 self._rng = random.Random(self._config.seed)
+            # A raised limit frees slots now: staged tasks must not wait for a read.
+            self._settle_all()
             return self._config
 
     def reset(self, *, keep_config: bool = False) -> None:
@@ -130,6 +155,7 @@ class SandboxState:
             self._duplicates.clear()
             self._counters = _new_counters()
             self._attempts.clear()
+            self._capacity.clear()
             self._delivery.clear()
             self.images.clear()
 
@@ -163,12 +189,30 @@ class SandboxState:
             self._counters["piclaza_batch"]["queries"] += 1
             self._counters["piclaza_batch"]["ids"] += id_count
 
+    def count_request(self, provider: Provider, api_key: str) -> RateVerdict | None:
+        """Count one request of ``api_key`` against its rate limit; None if it has none."""
+        with self._lock:
+            limits = limits_for(self._config, provider, api_key)
+            if limits.requests_per_minute is None:
+                return None
+            account = self._capacity.account(provider, api_key)
+            return account.count_request(self._now(), limits)
+
     # -- tasks --------------------------------------------------------------
 
     def create_task(self, spec: NewTask) -> Task:
-        """Create a task whose outcome is decided now; returns the (shared) task."""
+        """Create a task whose outcome is decided now; returns the (shared) task.
+
+        Raises ``sandbox.capacity.CapacityRefused`` (and creates nothing) when a limit of
+        the key refuses it.
+        """
         with self._lock:
             config = self._config
+            now = self._now()
+            account = self._capacity.account(spec.provider, spec.api_key)
+            limits = limits_for(config, spec.provider, spec.api_key)
+            self._settle(account, now)
+            account.check(now, limits)
             failed = config.fail_rate > 0 and self._rng.random() < config.fail_rate
             error_message = self._rng.choice(FAILURE_MESSAGES) if failed else ""
             task_id = self._new_task_id(spec.provider)
@@ -188,8 +232,8 @@ class SandboxState:
                 correlation=spec.correlation,
                 outcome="failed" if failed else "completed",
                 error_message=error_message,
-                created_at=time.time(),
-                created_mono=time.monotonic(),
+                created_at=now.wall,
+                created_mono=now.mono,
                 pending_seconds=config.pending_seconds,
                 processing_seconds=config.processing_seconds,
                 public_base=spec.public_base,
@@ -198,11 +242,14 @@ class SandboxState:
                 grid_file=grid,
                 create_count=count,
                 extra=dict(spec.extra),
+                api_key=spec.api_key,
             )
             self._tasks[task_id] = task
             self._counters["creates"][spec.provider] += 1
+            account.enroll(task, now, limits)
             if spec.webhook_endpoint:
                 self._plan_webhooks(task, spec.webhook_endpoint, spec.webhook_secret)
+            self._arm_wake(account)
             return task
 
     def lookup(self, provider: Provider, task_id: str) -> tuple[Task, TaskView] | None:
@@ -211,21 +258,70 @@ class SandboxState:
             task = self._tasks.get(task_id)
             if task is None or task.provider != provider:
                 return None
-            return task, task.view(time.monotonic())
+            now = self._now()
+            self._settle(self._account_of(task), now)
+            return task, task.view(now.mono)
 
     def cancel(self, provider: Provider, task_id: str) -> CancelResult:
+        """Cancel a task that is staged or pending (see ``CANCELLABLE``)."""
         with self._lock:
             found = self.lookup(provider, task_id)
             if found is None:
                 return "not_found"
             task, current = found
-            if current.status != "pending":
+            if current.status not in CANCELLABLE:
                 return "not_pending"
-            task.cancelled_mono = time.monotonic()
-            task.cancelled_at = time.time()
+            now = self._now()
+            task.cancelled_mono = now.mono
+            task.cancelled_at = now.wall
+            account = self._account_of(task)
+            limits = limits_for(self._config, account.provider, account.api_key)
+            self._started(account.cancelled(task, now, limits))
             if task_id in self._webhooks:
                 self._fire_status_change(task_id, "failed", cancelled=True)
+            self._arm_wake(account)
             return "canceled"
+
+    # -- capacity -------------------------------------------------------------
+
+    def _now(self) -> Moment:
+        return Moment(self.clock.monotonic(), self.clock.time())
+
+    def _account_of(self, task: Task) -> Account:
+        return self._capacity.account(task.provider, task.api_key)
+
+    def _settle(self, account: Account, now: Moment) -> None:
+        limits = limits_for(self._config, account.provider, account.api_key)
+        self._started(account.settle(now, limits))
+        self._arm_wake(account)
+
+    def _settle_all(self) -> Moment:
+        now = self._now()
+        for account in self._capacity.accounts():
+            self._settle(account, now)
+        return now
+
+    def _started(self, holders: list[Holder]) -> None:
+        """Tasks that left the staged line: their lifecycle webhooks start now."""
+        for holder in holders:
+            task = self._tasks.get(holder.task_id)
+            if task is not None and task.task_id in self._webhooks:
+                self._schedule_lifecycle(task)
+
+    def _arm_wake(self, account: Account) -> None:
+        """Settle ``account`` when its next slot frees, if a staged task waits for one."""
+        due = account.next_release()
+        if due is None or (account.wake_at is not None and account.wake_at <= due):
+            return
+        account.wake_at = due
+        self._delivery.call_at(due, functools.partial(self._wake, account))
+
+    def _wake(self, account: Account) -> None:
+        with self._lock:
+            if not self._capacity.is_current(account):  # forgotten by a reset
+                return
+            account.wake_at = None
+            self._settle(account, self._now())
 
     def _new_task_id(self, provider: Provider) -> str:
         # Ids look like each provider's and never collide across providers.
@@ -247,11 +343,23 @@ class SandboxState:
 
     def _plan_webhooks(self, task: Task, endpoint: str, secret: str | None) -> None:
         self._webhooks[task.task_id] = _WebhookPlan(endpoint=endpoint, secret=secret)
+        if task.start_mono is None:
+            self._delivery.call_at(
+                task.created_mono,
+                functools.partial(self._fire_status_change, task.task_id, "staged"),
+            )
+        else:
+            self._schedule_lifecycle(task)
+
+    def _schedule_lifecycle(self, task: Task) -> None:
+        """The status changes of a task that has its slot, each at its moment."""
+        start, end = task.start_mono, task.end_mono
+        assert start is not None and end is not None  # it has a slot
         task_id = task.task_id
         changes: list[tuple[float, Status]] = [
-            (task.created_mono, "pending"),
-            (task.created_mono + task.pending_seconds, "processing"),
-            (task.terminal_mono, task.outcome),
+            (start, "pending"),
+            (start + task.pending_seconds, "processing"),
+            (end, task.outcome),
         ]
         for when, status in changes:
             self._delivery.call_at(
@@ -266,7 +374,7 @@ class SandboxState:
                 return
             view = task.view_for(status, cancelled=cancelled)
             plan.closed = view.terminal
-            body = {"timestamp": int(time.time()), "data": envelope_data(task, view)}
+            body = {"timestamp": int(self.clock.time()), "data": envelope_data(task, view)}
             delivery = WebhookDelivery(
                 task_id=task_id,
                 status=view.status,
@@ -336,13 +444,17 @@ class SandboxState:
 
     def tasks(self) -> list[TaskSnapshot]:
         with self._lock:
-            now = time.monotonic()
-            return [task.snapshot(now) for task in self._tasks.values()]
+            now = self._settle_all()
+            return [task.snapshot(now.mono) for task in self._tasks.values()]
 
     def task(self, task_id: str) -> TaskSnapshot | None:
         with self._lock:
             task = self._tasks.get(task_id)
-            return task.snapshot(time.monotonic()) if task is not None else None
+            if task is None:
+                return None
+            now = self._now()
+            self._settle(self._account_of(task), now)
+            return task.snapshot(now.mono)
 
     def tasks_by_correlation(
         self, correlation: str, provider: str | None = None
@@ -364,6 +476,17 @@ class SandboxState:
     def webhook_attempts(self) -> list[DeliveryAttempt]:
         with self._lock:
             return list(self._attempts)
+
+    def capacity_stats(self) -> dict[str, dict[str, Any]]:
+        """Per provider, per key fingerprint: limits, running, high-water mark, staged, refusals."""
+        with self._lock:
+            now = self._settle_all()
+            report: dict[str, dict[str, Any]] = {provider: {} for provider in PROVIDERS}
+            for account in self._capacity.accounts():
+                limits = limits_for(self._config, account.provider, account.api_key)
+                fingerprint = key_fingerprint(account.api_key)
+                report[account.provider][fingerprint] = account.stats(now, limits)
+            return report
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -392,4 +515,5 @@ class SandboxState:
                     "queries": c["piclaza_batch"]["queries"],
                     "ids": c["piclaza_batch"]["ids"],
                 },
+                "capacity": self.capacity_stats(),
             }

@@ -3,8 +3,10 @@
 A task's whole future is fixed when it is created: how long it stays pending
 and processing and whether it ends completed or failed. Its status at any
 moment is computed from the clock, so nothing has to "advance" tasks and a
-client polling at any rate sees a consistent story. Cancelling is the only
-later change.
+client polling at any rate sees a consistent story. Two later changes exist:
+cancelling, and -- for a task created while its key had no free slot -- the
+moment it gets one (``start_mono``, set by ``sandbox.capacity``). Until then it
+is ``staged``; its lifecycle counts from that moment, not from its creation.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from sandbox.capacity import key_fingerprint
+
 Provider = Literal["piapi", "piclaza", "lemondata"]
 Outcome = Literal["completed", "failed"]
-Status = Literal["pending", "processing", "completed", "failed"]
+Status = Literal["staged", "pending", "processing", "completed", "failed"]
 
 CANCEL_MESSAGE = "task canceled by user"
 
@@ -51,6 +55,8 @@ class TaskSnapshot:
     created_at: float
     result_urls: list[str]
     request: dict[str, Any]
+    # The API key that created the task, as /_sandbox/stats names it (keys are secrets).
+    key_fingerprint: str = ""
 
 
 @dataclass
@@ -71,12 +77,33 @@ class Task:
     grid_file: str | None = None
     # Provider-specific fixed values (Piclaza group id, LemonData response format...).
     extra: dict[str, Any] = field(default_factory=dict)
+    # The key whose capacity the task uses ("" for tasks made without a request).
+    api_key: str = ""
+    # When the task got a slot; None while staged.
+    start_mono: float | None = None
     cancelled_mono: float | None = None
     cancelled_at: float | None = None
 
     @property
-    def terminal_mono(self) -> float:
-        return self.created_mono + self.pending_seconds + self.processing_seconds
+    def end_mono(self) -> float | None:
+        """When the task is terminal; None while it is staged and not cancelled."""
+        if self.cancelled_mono is not None:
+            return self.cancelled_mono
+        if self.start_mono is None:
+            return None
+        return self.start_mono + self.pending_seconds + self.processing_seconds
+
+    @property
+    def incorrect(self) -> bool:
+        """Ends failed by the provider's decision: what PiAPI's daily allowance counts."""
+        return self.outcome == "failed" and self.cancelled_mono is None
+
+    @property
+    def start_at(self) -> float | None:
+        """Unix time the task got its slot (it then is ``pending``)."""
+        if self.start_mono is None:
+            return None
+        return self.created_at + (self.start_mono - self.created_mono)
 
     def file_url(self, name: str) -> str:
         return f"{self.public_base}/files/{name}"
@@ -92,7 +119,9 @@ class Task:
     def view(self, now_mono: float) -> TaskView:
         if self.cancelled_mono is not None and now_mono >= self.cancelled_mono:
             return self.view_for("failed", cancelled=True)
-        elapsed = now_mono - self.created_mono
+        if self.start_mono is None or now_mono < self.start_mono:
+            return self.view_for("staged")
+        elapsed = now_mono - self.start_mono
         if elapsed < self.pending_seconds:
             return self.view_for("pending")
         if elapsed < self.pending_seconds + self.processing_seconds:
@@ -102,12 +131,14 @@ class Task:
 
     def view_for(self, status: Status, *, progress: int = 0, cancelled: bool = False) -> TaskView:
         """The view at the moment the task enters ``status`` (used for webhooks too)."""
-        started = self.created_at + self.pending_seconds
+        # PiAPI's started_at is when processing starts; staged and pending come before.
+        slot_at = self.start_at if self.start_at is not None else self.created_at
+        started = slot_at + self.pending_seconds
         ended = started + self.processing_seconds
         if cancelled:
             return TaskView("failed", 0, None, self.cancelled_at, CANCEL_MESSAGE)
-        if status == "pending":
-            return TaskView("pending", 0, None, None, "")
+        if status in ("staged", "pending"):
+            return TaskView(status, 0, None, None, "")
         if status == "processing":
             return TaskView("processing", progress, started, None, "")
         if status == "completed":
@@ -130,4 +161,5 @@ class Task:
             created_at=self.created_at,
             result_urls=self.result_urls if completed else [],
             request=copy.deepcopy(self.request),
+            key_fingerprint=key_fingerprint(self.api_key),
         )

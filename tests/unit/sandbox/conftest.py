@@ -1,4 +1,5 @@
-"""The sandbox app under the Flask test client; each module picks its ``sandbox_config``."""
+"""The sandbox app under the Flask test client; each module picks its ``sandbox_config``
+and, if it moves time by hand, its ``sandbox_clock``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from sandbox.app import create_sandbox_app
+from sandbox.clock import Clock
 from sandbox.config import SandboxConfig
 from sandbox.context import EXTENSION_KEY
 from sandbox.state import SandboxState
@@ -20,8 +22,14 @@ def sandbox_config() -> SandboxConfig:
 
 
 @pytest.fixture
-def app(sandbox_config: SandboxConfig) -> Iterator[Flask]:
-    app = create_sandbox_app(sandbox_config)
+def sandbox_clock() -> Clock | None:
+    """None: the real clocks."""
+    return None
+
+
+@pytest.fixture
+def app(sandbox_config: SandboxConfig, sandbox_clock: Clock | None) -> Iterator[Flask]:
+    app = create_sandbox_app(sandbox_config, clock=sandbox_clock)
     yield app
     app.extensions[EXTENSION_KEY].close()
 

@@ -24,6 +24,11 @@ def test_defaults_match_the_documented_knobs() -> None:
     assert config.lemondata_max_image_bytes == 4 * 1024 * 1024
     assert config.seed is None
     assert config.rate_limit_all is False
+    # Capacity: unlimited unless configured.
+    assert config.piapi_max_concurrent == {}
+    assert config.piapi_daily_failed_allowance == {}
+    assert config.piclaza_max_concurrent == {}
+    assert config.lemondata_requests_per_minute == {}
 
 
 def test_from_env_parses_every_kind_of_value() -> None:
@@ -54,11 +59,33 @@ def test_from_env_parses_every_kind_of_value() -> None:
         ("VARIFLOW_SANDBOX_WEBHOOK_REORDER", "maybe"),
         ("VARIFLOW_SANDBOX_LEMONDATA_MODE", "batch"),
         ("VARIFLOW_SANDBOX_TRANSIENT_ERROR_CODES", "200"),
+        ("VARIFLOW_SANDBOX_PIAPI_MAX_CONCURRENT", "0"),
+        ("VARIFLOW_SANDBOX_PICLAZA_MAX_CONCURRENT", "key=many"),
+        ("VARIFLOW_SANDBOX_PIAPI_DAILY_FAILED_ALLOWANCE", "-1"),
+        ("VARIFLOW_SANDBOX_LEMONDATA_REQUESTS_PER_MINUTE", "[1000]"),
     ],
 )
 def test_from_env_rejects_bad_values_naming_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ValueError, match=variable):
         SandboxConfig.from_env({variable: value})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", {}),
+        ("3", {"*": 3}),
+        ("sandbox-key=3, big-key=12", {"sandbox-key": 3, "big-key": 12}),
+        ('{"*": 3, "big-key": 12}', {"*": 3, "big-key": 12}),
+    ],
+)
+def test_per_key_limits_read_from_env(text: str, expected: dict[str, int]) -> None:
+    config = SandboxConfig.from_env({"VARIFLOW_SANDBOX_PIAPI_MAX_CONCURRENT": text})
+    assert config.piapi_max_concurrent == expected
+
+
+def test_a_daily_allowance_of_zero_is_allowed() -> None:
+    assert SandboxConfig(piapi_daily_failed_allowance=0).piapi_daily_failed_allowance == {"*": 0}
 
 
 def test_constructor_rejects_out_of_range_values() -> None:
@@ -82,6 +109,14 @@ def test_config_endpoints_read_and_update_knobs() -> None:
     bad = client.post("/_sandbox/config", json={"pending_seconds": "never"})
     assert bad.status_code == 400
     assert "pending_seconds" in bad.json["error"]
+
+    limits = {"lemondata_requests_per_minute": {"sandbox-key": 60}, "piclaza_max_concurrent": 2}
+    answer = client.post("/_sandbox/config", json=limits)
+    assert answer.json["lemondata_requests_per_minute"] == {"sandbox-key": 60}
+    assert answer.json["piclaza_max_concurrent"] == {"*": 2}
+    bad = client.post("/_sandbox/config", json={"piclaza_max_concurrent": {"k": 0}})
+    assert bad.status_code == 400
+    assert "piclaza_max_concurrent" in bad.json["error"]
 
 
 def test_reset_forgets_tasks_and_restores_initial_knobs() -> None:
