@@ -33,7 +33,7 @@ from celery.signals import (
 )
 from kombu import pools as kombu_pools
 
-from worker import metrics, runtime
+from worker import capacity, metrics, runtime
 from worker.config import Settings, get_settings
 from worker.hooks import Consumer
 from worker.logs import bind, configure_logging, unbind
@@ -49,6 +49,7 @@ CANCEL_UPSTREAM = "variflow.cancel_upstream"
 POLL_DUE = "variflow.poll_due"
 POLL_BATCH = "variflow.poll_batch"
 SWEEP = "variflow.sweep"
+WAKE_WAITING = "variflow.wake_waiting"
 JOB_TASKS = {SUBMIT_JOB, FINALIZE_JOB, CANCEL_UPSTREAM}
 BATCH_TASKS = {POLL_BATCH}
 
@@ -201,8 +202,24 @@ def finalize_after_commit(job: TerminalJob) -> None:
         )
 
 
-# The consumers of "a job ended" in every variflow process: finalize, then metrics.
-TERMINAL_CONSUMERS: tuple[Consumer, ...] = (finalize_after_commit, metrics.observe_terminal)
+def wake_after_end(job: TerminalJob) -> None:
+    """A consumer of "a job ended": its slot is free, so the next job waiting for the
+    provider's capacity may go (only for providers with limits; the sweep also wakes)."""
+    rt = runtime.installed()
+    if rt is None or not capacity.limited(rt.providers.accounts(job.provider)):
+        return
+    try:
+        app.send_task(WAKE_WAITING, args=(job.provider,))
+    except Exception as exc:
+        log.warning("could not wake %s's queue (%s); the sweep will", job.provider, exc)
+
+
+# The consumers of "a job ended" in every variflow process: finalize, wake, metrics.
+TERMINAL_CONSUMERS: tuple[Consumer, ...] = (
+    finalize_after_commit,
+    wake_after_end,
+    metrics.observe_terminal,
+)
 
 
 def build_runtime(settings: Settings) -> Runtime:

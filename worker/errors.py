@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     RATE_LIMITED = "rate_limited"
+    BUDGET_EXHAUSTED = "budget_exhausted"
     PROVIDER_NOT_CONFIGURED = "provider_not_configured"
     TASK_NOT_FOUND = "task_not_found"
     ASYNC_TASK_NOT_FOUND = "async_task_not_found"

@@ -310,7 +310,7 @@ def stop_upstream_task(
         if job is None:
             return
         task_id = upstream_task_id or job.upstream_task_id
-        adapter = runtime.providers.get(job.provider)
+        adapter = runtime.providers.for_account(job.provider, job.account)
         if not task_id or not adapter.can_cancel:
             return
         target = PollTarget(job.id, task_id, job.poll_url)

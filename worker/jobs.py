@@ -40,6 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from worker.accounts import DEFAULT_ACCOUNT
 from worker.backoff import Backoff
 from worker.config import Settings
 from worker.db import is_postgres
@@ -523,6 +524,50 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
+def set_waiting(session: Session, job_id: uuid.UUID, reason: str, now: datetime) -> bool:
+    """The queued job waits for capacity (worker/capacity.py) for ``reason``: one event
+    when the reason changes, none when it is the same (retries do not repeat it)."""
+    changed = session.execute(  # type: ignore[attr-defined]
+        update(JOBS)
+        .where(
+            JOBS.c.id == job_id,
+            JOBS.c.status == JobStatus.QUEUED.value,
+            or_(JOBS.c.waiting_reason.is_(None), JOBS.c.waiting_reason != reason),
+        )
+        .values(waiting_reason=reason[:255], updated_at=now)
+    ).rowcount
+    if changed:
+        event = _event_row(
+            now, Source.SUBMIT, EventKind.INFO, JobStatus.QUEUED, JobStatus.QUEUED, reason
+        )
+        session.execute(
+            _INSERT_FIRST_EVENT, {"job_id": job_id} | {f"event_{k}": v for k, v in event.items()}
+        )
+    return bool(changed)
+
+
+def record_cost(session: Session, job_id: uuid.UUID, cost: float) -> None:
+    """What the job cost (the provider's report, or the account's price)."""
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(cost=cost))
+
+
+def claimable(job: Job, now: datetime) -> bool:
+    """What the claim's conditional UPDATE requires, read from a row (admission asks
+    first, so that a job nobody may claim is neither counted nor made to wait)."""
+    return (
+        job.status == JobStatus.QUEUED.value
+        and job.create_started_at is None
+        and (job.claimed_until is None or job.claimed_until < now)
+        and (job.retry_at is None or job.retry_at <= now + RETRY_TOLERANCE)
+    )
+
+
+def refuse(session: Session, job: Job, code: str, message: str, now: datetime) -> Transition:
+    """End a queued job that will not be submitted (a budget under the "fail" policy)."""
+    update_ = UpstreamState(JobStatus.FAILED, Source.SUBMIT, error_code=code, error_message=message)
+    return apply_update(session, job, update_, now)
+
+
 def cancel(session: Session, job: Job, reason: str) -> Transition:
     """The application cancelled the job (a terminal job is left as it is)."""
     return _end(session, job, JobStatus.CANCELLED, Source.CANCEL, ErrorCode.CANCELLED, reason)
@@ -554,8 +599,11 @@ def claim_for_submit(
     ttl: float,
     now: datetime,
     create_follows: Sequence[str] = (),
+    account: str = DEFAULT_ACCOUNT,
 ) -> tuple[Job, JobInput | None] | None:
     """Make the caller the job's only submitter, or None (not queued, claimed, or not due).
+
+    The job is bound to ``account`` (the one capacity admitted it on) and stops waiting.
 
     One conditional UPDATE decides between concurrent workers (the database
     serialises it); the claim expires after ``ttl`` so a worker that dies
@@ -576,6 +624,7 @@ def claim_for_submit(
         "event_source": Source.SUBMIT.value,
         "event_kind": EventKind.INFO.value,
         "event_to_status": JobStatus.QUEUED.value,
+        "account": account,
     }
     row: Any
     if is_postgres(session):
@@ -630,6 +679,10 @@ def _claim_statement() -> Any:
             submit_attempts=JOBS.c.submit_attempts + 1,
             webhook_secret_hash=bindparam("secret_hash"),
             retry_at=None,
+            # Bound to the account capacity admitted it on (its polls and cancels use
+            # that key); no longer waiting.
+            account=bindparam("account"),
+            waiting_reason=None,
             create_started_at=case(
                 (JOBS.c.provider.in_(bindparam("create_follows", expanding=True)), now),
                 else_=null(),
@@ -939,12 +992,13 @@ def renew_leases(
 
 def poll_targets(
     session: Session, job_ids: Sequence[uuid.UUID]
-) -> list[tuple[uuid.UUID, str, str | None]]:
-    """(job id, upstream task id, poll URL) of the jobs still in flight among ``job_ids``."""
+) -> list[tuple[uuid.UUID, str, str | None, str | None]]:
+    """(job id, upstream task id, poll URL, account) of the jobs still in flight among
+    ``job_ids`` (a job is polled with its account's key)."""
     return [
-        (row.id, row.upstream_task_id, row.poll_url)
+        (row.id, row.upstream_task_id, row.poll_url, row.account)
         for row in session.execute(
-            select(Job.id, Job.upstream_task_id, Job.poll_url).where(
+            select(Job.id, Job.upstream_task_id, Job.poll_url, Job.account).where(
                 Job.id.in_(job_ids), Job.status.in_(ACTIVE)
             )
         )

@@ -91,13 +91,18 @@ class _Leases:
 
 def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime) -> None:
     """Poll leased jobs and apply the answers; a provider batch is one request."""
-    adapter = runtime.providers.get(provider_name)
-    plan = plan_for(adapter, runtime)
+    plan = plan_for(runtime.providers.get(provider_name), runtime)
     with runtime.session() as session:
-        targets = [PollTarget(*row) for row in jobs.poll_targets(session, job_ids)]
-    leases = _Leases([t.job_id for t in targets], runtime)
+        rows = jobs.poll_targets(session, job_ids)
+    # Each job is polled with the key of the account it was created with.
+    by_account: dict[str | None, list[PollTarget]] = {}
+    for job_id, task_id, poll_url, account in rows:
+        by_account.setdefault(account, []).append(PollTarget(job_id, task_id, poll_url))
+    leases = _Leases([row[0] for row in rows], runtime)
     with heartbeat(leases.renew, runtime.settings.poll_lease / 3, f"{provider_name} poll lease"):
-        _poll(adapter, targets, plan, runtime, leases)
+        for account, targets in by_account.items():
+            adapter = runtime.providers.for_account(provider_name, account)
+            _poll(adapter, targets, plan, runtime, leases)
 
 
 def _poll(

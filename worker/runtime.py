@@ -20,9 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
+from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
 from worker import metrics
+from worker.accounts import DEFAULT_ACCOUNT, Account
 from worker.config import Settings
 from worker.db import Database
 from worker.errors import InvalidInput
@@ -34,20 +36,48 @@ from worker.providers.http import make_client
 
 class Providers:
     """The adapters of one process, by name: every provider with settings, enabled or not
-    (jobs already in flight keep their adapter when a provider is disabled)."""
+    (jobs already in flight keep their adapter when a provider is disabled), and one
+    adapter per account of each provider (worker/accounts.py), the first the default."""
 
-    def __init__(self, adapters: Mapping[str, Provider], enabled: Sequence[str]) -> None:
+    def __init__(
+        self,
+        adapters: Mapping[str, Provider],
+        enabled: Sequence[str],
+        accounts: Mapping[str, Sequence[tuple[Account, Provider]]] | None = None,
+    ) -> None:
         self._adapters = dict(adapters)
         self.enabled = tuple(enabled)
+        self._accounts = {name: tuple(pairs) for name, pairs in (accounts or {}).items()}
 
     @classmethod
     def build(cls, settings: Settings, client: httpx.Client) -> Providers:
         context = AdapterContext(client=client, max_image_bytes=settings.max_image_bytes)
-        adapters = {
-            name: adapter_class(name).from_settings(settings.provider(name), context)
-            for name in settings.provider_names
-        }
-        return cls(adapters, settings.providers)
+        accounts: dict[str, list[tuple[Account, Provider]]] = {}
+        for name in settings.provider_names:
+            section = settings.provider(name)
+            for account in settings.accounts(name):
+                # The account's key in its own copy of the section: the adapter is the same.
+                key = SecretStr(account.api_key) if account.api_key else None
+                own = section.model_copy(update={"api_key": key})
+                adapter = adapter_class(name).from_settings(own, context)
+                accounts.setdefault(name, []).append((account, adapter))
+        adapters = {name: pairs[0][1] for name, pairs in accounts.items()}
+        return cls(adapters, settings.providers, accounts)
+
+    def accounts(self, name: str) -> tuple[Account, ...]:
+        """The provider's accounts (the first is the default)."""
+        found = self._accounts.get(name)
+        if not found:
+            return (Account(name, DEFAULT_ACCOUNT),)
+        return tuple(account for account, _ in found)
+
+    def for_account(self, name: str, account: str | None) -> Provider:
+        """The adapter holding ``account``'s key; the provider's default for a job bound
+        to no account (or to one no longer configured)."""
+        for known, adapter in self._accounts.get(name, ()):
+            if known.name == account:
+                return adapter
+        return self.get(name)
 
     def get(self, name: object) -> Provider:
         """A known provider's adapter, or InvalidInput naming the field."""

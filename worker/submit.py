@@ -34,8 +34,11 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from worker import jobs
+from worker import capacity, jobs
+from worker.accounts import DEFAULT_ACCOUNT, Account
 from worker.backoff import Backoff
 from worker.db import is_unavailable
 from worker.errors import (
@@ -69,6 +72,8 @@ class Claim:
     webhook_secret: str
     image: InputImage | None
     row: Job  # the job as the claim wrote it (lets the answer be written without a read)
+    account: Account  # the account capacity admitted it on (its key creates the task)
+    limited: bool = False  # the provider has capacity limits: outcomes feed its breaker
 
 
 @dataclass(frozen=True)
@@ -88,16 +93,25 @@ RECORD_IN_WORKER_FOR = 60.0
 RECORD_BACKOFF = Backoff(start=0.5, cap=5.0, floor=0.2)
 # Another worker holds the claim: look again when it may have lapsed, this many times.
 MAX_HELD_RETRIES = 20
+# A 429 without Retry-After pauses its account this long.
+PAUSE_DEFAULT = 30.0
 T = TypeVar("T")
 
 
 def claim_for_submit(
-    job_id: uuid.UUID, runtime: Runtime, *, mark_create: bool = False
+    job_id: uuid.UUID,
+    runtime: Runtime,
+    *,
+    mark_create: bool = False,
+    account: Account | None = None,
+    session: Session | None = None,
 ) -> Claim | None:
     """Make this worker the job's only submitter, or return None.
 
     ``mark_create``: the create call follows the claim at once (nothing to
     download first), so the claim marks it started in the same write.
+    ``account``: the one capacity admitted the job on (default: the provider's
+    first), in ``session`` when admission holds one.
     """
     create_follows = (
         tuple(a.name for a in runtime.providers if not a.needs_image_bytes) if mark_create else ()
@@ -106,7 +120,8 @@ def claim_for_submit(
     # A fresh secret per attempt: webhooks from an abandoned earlier create
     # cannot authenticate as this job's task.
     webhook_secret = secrets.token_urlsafe(32)
-    with runtime.autocommit() as session:
+
+    def claim(session: Session) -> Claim | None:
         claimed = jobs.claim_for_submit(
             session,
             job_id,
@@ -115,11 +130,13 @@ def claim_for_submit(
             ttl=runtime.settings.submit_claim_ttl,
             now=utcnow(),
             create_follows=create_follows,
+            account=account.name if account is not None else DEFAULT_ACCOUNT,
         )
         if claimed is None:
             return None
         job, stored = claimed
         image = InputImage(stored.content, stored.filename, stored.content_type) if stored else None
+        accounts = runtime.providers.accounts(job.provider)
         return Claim(
             job_id=job.id,
             provider=job.provider,
@@ -130,7 +147,14 @@ def claim_for_submit(
             webhook_secret=webhook_secret,
             image=image,
             row=job,
+            account=account or accounts[0],
+            limited=capacity.limited(accounts),
         )
+
+    if session is not None:
+        return claim(session)
+    with runtime.autocommit() as own:
+        return claim(own)
 
 
 def submit(
@@ -139,21 +163,90 @@ def submit(
     *,
     carried: dict[str, Any] | None = None,
     held_retries: int = 0,
+    provider: str = "",
+    wake: Callable[[list[uuid.UUID]], object] = lambda ids: None,
 ) -> SubmitOutcome:
     """Run one submit attempt for a job (nothing when it is not queued or not yet due).
 
     ``carried``: a provider's answer an earlier run could not write; it is
-    written now, and nothing is sent to the provider.
+    written now, and nothing is sent to the provider. For a provider with
+    capacity limits, the job is admitted first (worker/capacity.py) or waits;
+    once admitted, ``wake`` is given the next waiting jobs (the caller sends them).
     """
     if carried is not None:
         return _record_carried(job_id, carried, runtime)
-    claim = claim_for_submit(job_id, runtime, mark_create=True)
+    provider = provider or _provider_of(job_id, runtime)
+    accounts = runtime.providers.accounts(provider) if provider else ()
+    if accounts and capacity.limited(accounts):
+        admitted = _admit(job_id, accounts, runtime, wake)
+        if isinstance(admitted, SubmitOutcome):
+            return admitted
+        claim: Claim | None = admitted
+    else:
+        claim = claim_for_submit(job_id, runtime, mark_create=True)
     if claim is None:
         return _not_claimed(job_id, runtime, held_retries)
     settings = runtime.settings
     renew = _claim_renewal(claim, runtime)
     with heartbeat(renew, settings.submit_claim_ttl / 3, f"submit claim of job {job_id}"):
         return _attempt(claim, runtime)
+
+
+def waiting_head(provider: str, count: int, runtime: Runtime) -> list[uuid.UUID]:
+    """The first ``count`` jobs waiting in the provider's queue (to wake them)."""
+    with runtime.autocommit() as session:
+        return capacity.waiting_head(session, provider, count, utcnow())
+
+
+def _provider_of(job_id: uuid.UUID, runtime: Runtime) -> str:
+    # A message without its provider (old ones): one read to know whether capacity applies.
+    with runtime.autocommit() as session:
+        return session.scalar(select(Job.provider).where(Job.id == job_id)) or ""
+
+
+def _admit(
+    job_id: uuid.UUID,
+    accounts: tuple[Account, ...],
+    runtime: Runtime,
+    wake: Callable[[list[uuid.UUID]], object],
+) -> Claim | SubmitOutcome | None:
+    """Admission and claim in one transaction, under the provider's admission lock:
+    the job is claimed on an account with capacity, fails (a budget, policy "fail"),
+    or waits with its reason (only the head of the queue sets a timer)."""
+    settings = runtime.settings
+    now = utcnow()
+    with runtime.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or not jobs.claimable(job, now):
+            return None
+        decision = capacity.admit(
+            session,
+            accounts,
+            job,
+            now,
+            budget_policy=settings.budget_policy,
+            breaker_threshold=settings.breaker_threshold,
+        )
+        if decision.fail:
+            assert decision.reason is not None
+            jobs.refuse(session, job, ErrorCode.BUDGET_EXHAUSTED, decision.reason, now)
+            return NOTHING_TO_DO
+        if decision.account is None:
+            assert decision.reason is not None
+            jobs.set_waiting(session, job_id, decision.reason, now)
+            timer = None
+            if decision.until is not None and decision.ahead == 0:
+                timer = max(0.05, (decision.until - now).total_seconds())
+            log.info("job %s waits: %s", job_id, decision.reason)
+            return SubmitOutcome(retry_in=timer)
+        claim = claim_for_submit(
+            job_id, runtime, mark_create=True, account=decision.account, session=session
+        )
+        head = capacity.waiting_head(session, job.provider, 1, now) if claim else []
+    # Committed: the next in line may be admitted now, by another worker.
+    if head:
+        wake(head)
+    return claim
 
 
 def _not_claimed(job_id: uuid.UUID, runtime: Runtime, held_retries: int) -> SubmitOutcome:
@@ -195,7 +288,7 @@ def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
             _failure(ErrorCode.SUBMIT_FAILED, f"gave up after {claim.attempt - 1} attempts"),
             runtime,
         )
-    adapter = runtime.providers.get(claim.provider)
+    adapter = runtime.providers.for_account(claim.provider, claim.account.name)
     request = SubmitRequest(
         job_id=claim.job_id,
         params=claim.params,
@@ -225,8 +318,10 @@ def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
     try:
         submission = adapter.submit(request)
     except PermanentUpstreamError as exc:
+        _account_outcome(claim, runtime, transient=False)
         return _finish(claim, _failure(exc.code, exc.message), runtime)
     except TransientUpstreamError as exc:
+        _account_outcome(claim, runtime, transient=True, refused=exc)
         if exc.maybe_processed:
             return _outcome_unknown(claim, adapter, exc.message, runtime)
         return _retry_or_fail(claim, exc, runtime)
@@ -236,7 +331,42 @@ def _attempt(claim: Claim, runtime: Runtime) -> SubmitOutcome:
         # Raised around the create call: it may or may not have happened.
         log.exception("job %s: unexpected error while submitting", job_id)
         return _outcome_unknown(claim, adapter, f"internal error: {exc!r}", runtime)
+    _account_outcome(claim, runtime, transient=False)
     return _finish(claim, _store_inline_results(claim, submission, runtime), runtime)
+
+
+def _account_outcome(
+    claim: Claim,
+    runtime: Runtime,
+    *,
+    transient: bool,
+    refused: TransientUpstreamError | None = None,
+) -> None:
+    """Tell the account's breaker how its create went; a 429 pauses the whole account
+    until Retry-After. Only for providers with capacity limits; never fatal."""
+    if not claim.limited:
+        return
+    settings = runtime.settings
+    now = utcnow()
+    try:
+        with runtime.session() as session:
+            capacity.record_outcome(
+                session,
+                claim.account,
+                claim.job_id,
+                transient_failure=transient,
+                now=now,
+                threshold=settings.breaker_threshold,
+                cooldown=settings.breaker_cooldown,
+            )
+            if refused is not None and refused.code == ErrorCode.RATE_LIMITED:
+                wait = refused.retry_after if refused.retry_after is not None else PAUSE_DEFAULT
+                until = now + timedelta(seconds=wait)
+                capacity.pause(session, claim.account, until, refused.message, now)
+    except Exception:  # the job's own outcome matters more than the account's health
+        log.exception(
+            "job %s: could not record the outcome for %s", claim.job_id, claim.account.label
+        )
 
 
 def _store_inline_results(claim: Claim, submission: Submission, runtime: Runtime) -> Submission:

@@ -16,7 +16,7 @@ from worker.celery_app import app, worker_runtime
 from worker.db import DB_UNAVAILABLE
 from worker.finalize import finalize, stop_upstream_task
 from worker.polling import lease_due, poll_jobs
-from worker.submit import submit
+from worker.submit import submit, waiting_head
 from worker.sweep import sweep
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,12 @@ def submit_job(
 ) -> None:
     """Create the job's task upstream, exactly once per claim (worker/submit.py)."""
     outcome = submit(
-        uuid.UUID(job_id), worker_runtime(), carried=carried, held_retries=self.request.retries
+        uuid.UUID(job_id),
+        worker_runtime(),
+        carried=carried,
+        held_retries=self.request.retries,
+        provider=provider,
+        wake=lambda ids: [queue.send_submit(i, provider) for i in ids],
     )
     if outcome.orphan:
         try:
@@ -100,6 +105,15 @@ def sweep_jobs() -> dict[str, int]:
     if any(counts.values()):
         log.info("sweep: %s", counts)
     return counts
+
+
+@app.task(name=queue.WAKE_WAITING, **RETRY_WHILE_DB_DOWN)
+def wake_waiting(provider: str, count: int = 1) -> int:
+    """A job of a provider with capacity limits ended: the next in its queue may go."""
+    woken = waiting_head(provider, count, worker_runtime())
+    for job_id in woken:
+        queue.send_submit(job_id, provider)
+    return len(woken)
 
 
 @app.task(name=queue.CANCEL_UPSTREAM, **RETRY_WHILE_DB_DOWN)

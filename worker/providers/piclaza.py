@@ -41,6 +41,20 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 _NOT_RESULTS = frozenset({"reference"})
 
 
+LIMIT_WORDS = ("limit", "concurrency", "too many requests", "capacity")
+
+
+def over_capacity(code: object, message: object) -> bool:
+    """A non-zero code of 429, or one whose message speaks of a limit: the account is
+    over its capacity (transient), not the task refused."""
+    if code in (0, None, "0"):
+        return False
+    if code in (429, "429"):
+        return True
+    text = message.lower() if isinstance(message, str) else ""
+    return any(word in text for word in LIMIT_WORDS)
+
+
 class PiclazaSettings(ProviderSettings):
     """VARIFLOW_PICLAZA_*: the account's key, the API's address, jobs per result query."""
 
@@ -110,6 +124,11 @@ class PiclazaProvider:
         item = results[0] if isinstance(results, list) and results else None
         if not isinstance(item, Mapping):
             raise PermanentUpstreamError("piclaza: create answered without a result item")
+        if over_capacity(item.get("code"), item.get("message")):
+            raise TransientUpstreamError(
+                f"piclaza: over capacity: {item.get('message') or 'limit reached'}",
+                code=ErrorCode.RATE_LIMITED,
+            )
         if item.get("code") not in (0, None):
             raise PermanentUpstreamError(
                 f"piclaza: {item.get('message') or 'task not created'} (code {item.get('code')})",
@@ -193,6 +212,13 @@ class PiclazaProvider:
             headers={"X-API-Key": self._api_key},
         )
         answer = json_body(response, self.name)
+        if isinstance(answer, Mapping) and over_capacity(answer.get("code"), error_message(answer)):
+            # Piclaza documents no limits: "over capacity" is a refusal to retry later
+            # (docs/providers.md §5), never the job's failure.
+            raise TransientUpstreamError(
+                f"piclaza: over capacity: {error_message(answer) or 'limit reached'}",
+                code=ErrorCode.RATE_LIMITED,
+            )
         if response.status_code != 200 or not isinstance(answer, Mapping) or answer.get("code"):
             raise PermanentUpstreamError(
                 f"piclaza: {error_message(answer) or 'error'} (HTTP {response.status_code})",

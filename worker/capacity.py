@@ -1,0 +1,403 @@
+"""Provider capacity: on which account a job may be created now, or why it waits.
+
+A provider account (worker/accounts.py) runs so many jobs at once, so many
+creates and requests a minute, so many jobs and failed tasks a UTC day, up to a
+daily spend. Before a job is claimed for its create, :func:`admit` decides, with
+every worker of every host seeing the same numbers:
+
+- **Slots and daily budgets are counted from job rows**, never kept as
+  counters: a job holds a slot of its account while its claim is live, once
+  its create may have been sent, and while it is submitted or processing. A
+  worker that dies releases its claim when the claim expires, so it cannot leak
+  a slot, and a row that ended frees its slot in the same commit.
+- **Admission is serialised per provider**: a transaction-scoped advisory lock
+  on PostgreSQL, the write lock SQLite's ``BEGIN IMMEDIATE`` takes. Counting and
+  claiming happen under it, so no number of workers can over-admit.
+- **First in, first out per provider** (higher ``priority`` first): a job is
+  admitted only if fewer jobs are ahead of it than there are free slots.
+- **Rates are GCRA** with no burst: an account's next create (and request) may
+  go one interval (60 / per-minute limit) after the previous one, kept as a
+  time in ``account_states``; one conditional write takes a turn, so a sliding
+  window of 60 s never sees more than the limit.
+- **A 429 pauses the account** until Retry-After, and transient failures in a
+  row open its **circuit breaker** for the cool-down, after which one probe job
+  decides (:func:`record_outcome`).
+
+The decision is a :class:`Decision`: an account, or the reason to wait (with
+the time it ends, for reasons that end with time), or to fail at once (a
+budget under ``VARIFLOW_BUDGET_POLICY=fail``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+
+from sqlalchemy import and_, case, func, literal, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from worker.accounts import Account
+from worker.db import is_postgres
+from worker.errors import ErrorCode
+from worker.models import AccountState, Job
+from worker.states import JobStatus
+
+IN_FLIGHT = (JobStatus.SUBMITTED.value, JobStatus.PROCESSING.value)
+# What PiAPI counts as an "incorrect task": the provider failed or refused the job.
+UPSTREAM_FAILURES = (ErrorCode.UPSTREAM_FAILED.value, ErrorCode.UPSTREAM_REJECTED.value)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one account holds now and used today (UTC), counted from job rows."""
+
+    in_flight: int = 0
+    jobs_today: int = 0
+    failed_today: int = 0
+    spend_today: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    account: Account | None = None  # admitted: create the job with this account
+    reason: str | None = None  # why it waits (or fails)
+    until: datetime | None = None  # when that reason ends by itself (None: a job's end)
+    fail: bool = False  # a budget is exhausted and the policy is to fail at once
+    ahead: int = 0  # jobs of the provider before this one in the queue
+
+    @property
+    def admitted(self) -> bool:
+        return self.account is not None
+
+
+@dataclass(frozen=True)
+class _Block:
+    reason: str
+    until: datetime | None
+    budget: bool = False
+
+
+def limited(accounts: Sequence[Account]) -> bool:
+    """Whether admission has anything to decide (several accounts, or any limit)."""
+    return len(accounts) > 1 or any(not a.limits.unlimited for a in accounts)
+
+
+def next_utc_day(now: datetime) -> datetime:
+    return datetime.combine(now.date() + timedelta(days=1), time(), tzinfo=now.tzinfo)
+
+
+def admit(
+    session: Session,
+    accounts: Sequence[Account],
+    job: Job,
+    now: datetime,
+    *,
+    budget_policy: str = "wait",
+    breaker_threshold: int = 5,
+) -> Decision:
+    """Decide for the queued ``job`` (its row, read by the caller), within the caller's
+    transaction; when admitted, the account's rate turns are taken (the caller then
+    claims the job with the account in the same transaction)."""
+    provider = job.provider
+    lock_provider(session, provider)
+    states = _states(session, provider)
+    usage = usage_by_account(session, provider, now)
+    blocks: list[_Block] = []
+    open_accounts: list[tuple[Account, float]] = []
+    for account in accounts:
+        block = _blocked(
+            account,
+            states.get(account.name),
+            usage.get(account.name, Usage()),
+            now,
+            job.id,
+            breaker_threshold,
+        )
+        if block is not None:
+            blocks.append(block)
+            continue
+        limit = account.limits.max_in_flight
+        in_flight = usage.get(account.name, Usage()).in_flight
+        free = float("inf") if limit is None else float(limit - in_flight)
+        if free <= 0:
+            blocks.append(
+                _Block(
+                    f"waiting for a slot: {in_flight}/{limit} in flight on {account.label}", None
+                )
+            )
+            continue
+        open_accounts.append((account, free))
+    ahead = _ahead(session, job, now)
+    if not open_accounts:
+        if budget_policy == "fail" and blocks and all(b.budget for b in blocks):
+            return Decision(reason=blocks[0].reason, fail=True, ahead=ahead)
+        timed = [b.until for b in blocks if b.until is not None]
+        return Decision(reason=_reason(blocks), until=min(timed) if timed else None, ahead=ahead)
+    free_total = sum(free for _, free in open_accounts)
+    if ahead >= free_total:
+        return Decision(
+            reason=f"waiting for a slot: {ahead} earlier jobs of {provider} go first",
+            ahead=ahead,
+        )
+    account = max(open_accounts, key=lambda pair: pair[1])[0]
+    _take_turns(session, account, states.get(account.name), now, job.id)
+    return Decision(account=account, ahead=ahead)
+
+
+def _reason(blocks: list[_Block]) -> str:
+    if len(blocks) == 1:
+        return blocks[0].reason
+    return "; ".join(dict.fromkeys(b.reason for b in blocks))[:255]
+
+
+def _blocked(
+    account: Account,
+    state: AccountState | None,
+    usage: Usage,
+    now: datetime,
+    job_id: uuid.UUID,
+    breaker_threshold: int,
+) -> _Block | None:
+    limits = account.limits
+    label = account.label
+    if state is not None:
+        if state.paused_until is not None and state.paused_until > now:
+            why = state.pause_reason or "the provider asked to slow down"
+            return _Block(
+                f"paused until {_hms(state.paused_until)} on {label}: {why}", state.paused_until
+            )
+        if state.opened_until is not None and state.failures >= breaker_threshold:
+            if state.opened_until > now:
+                return _Block(
+                    f"circuit open until {_hms(state.opened_until)} on {label} "
+                    f"({state.failures} failures in a row)",
+                    state.opened_until,
+                )
+            if state.probe_job_id is not None and state.probe_job_id != job_id:
+                return _Block(f"circuit half open on {label}: one probe job decides", None)
+    tomorrow = next_utc_day(now)
+    if limits.daily_jobs is not None and usage.jobs_today >= limits.daily_jobs:
+        return _Block(
+            f"daily budget of {limits.daily_jobs} jobs reached on {label}: resumes 00:00 UTC",
+            tomorrow,
+            budget=True,
+        )
+    if limits.daily_failed is not None and usage.failed_today >= limits.daily_failed:
+        return _Block(
+            f"daily budget of {limits.daily_failed} failed tasks reached on {label}: "
+            "resumes 00:00 UTC",
+            tomorrow,
+            budget=True,
+        )
+    if limits.daily_spend_cap is not None and usage.spend_today >= limits.daily_spend_cap:
+        return _Block(
+            f"daily spend cap of {limits.daily_spend_cap:g} reached on {label}: resumes 00:00 UTC",
+            tomorrow,
+            budget=True,
+        )
+    if state is not None:
+        for turn, per_minute, what in (
+            (state.next_create_at, limits.creates_per_minute, "creates"),
+            (state.next_request_at, limits.requests_per_minute, "requests"),
+        ):
+            if per_minute is not None and turn is not None and turn > now:
+                return _Block(f"rate limit of {per_minute} {what} a minute on {label}", turn)
+    return None
+
+
+def _hms(moment: datetime) -> str:
+    return moment.strftime("%H:%M:%S UTC")
+
+
+def lock_provider(session: Session, provider: str) -> None:
+    """Serialise admissions of one provider until the transaction ends (PostgreSQL;
+    SQLite's BEGIN IMMEDIATE already holds the database's write lock)."""
+    if is_postgres(session):
+        key = int.from_bytes(
+            hashlib.sha256(f"variflow:{provider}".encode()).digest()[:8], "big", signed=True
+        )
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _states(session: Session, provider: str) -> dict[str, AccountState]:
+    rows = session.scalars(select(AccountState).where(AccountState.provider == provider))
+    return {row.account: row for row in rows}
+
+
+def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str, Usage]:
+    """Each account's slots in use and today's jobs, failed tasks and spend, in one query."""
+    day = datetime.combine(now.date(), time(), tzinfo=now.tzinfo)
+    holding = or_(
+        Job.status.in_(IN_FLIGHT),
+        and_(
+            Job.status == JobStatus.QUEUED.value,
+            or_(Job.create_started_at.is_not(None), Job.claimed_until > now),
+        ),
+    )
+    failed_today = and_(
+        Job.status == JobStatus.FAILED.value,
+        Job.error_code.in_(UPSTREAM_FAILURES),
+        Job.completed_at >= day,
+    )
+    rows = session.execute(
+        select(
+            Job.account,
+            func.sum(case((holding, 1), else_=0)),
+            func.sum(case((Job.create_started_at >= day, 1), else_=0)),
+            func.sum(case((failed_today, 1), else_=0)),
+            func.sum(case((Job.completed_at >= day, func.coalesce(Job.cost, 0.0)), else_=0.0)),
+        )
+        .where(
+            Job.provider == provider,
+            Job.account.is_not(None),
+            or_(holding, Job.create_started_at >= day, Job.completed_at >= day),
+        )
+        .group_by(Job.account)
+    )
+    return {
+        account: Usage(int(held or 0), int(jobs or 0), int(failed or 0), float(spend or 0.0))
+        for account, held, jobs, failed, spend in rows
+    }
+
+
+def _ahead(session: Session, job: Job, now: datetime) -> int:
+    """Queued jobs of the provider before ``job`` that nobody is submitting (FIFO,
+    higher priority first; a job waiting out its own retry backoff is not in line)."""
+    before = or_(
+        Job.priority > job.priority,
+        and_(
+            Job.priority == job.priority,
+            or_(
+                Job.created_at < job.created_at,
+                and_(Job.created_at == job.created_at, Job.id < job.id),
+            ),
+        ),
+    )
+    count = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.provider == job.provider,
+            Job.status == JobStatus.QUEUED.value,
+            Job.create_started_at.is_(None),
+            or_(Job.claimed_until.is_(None), Job.claimed_until <= now),
+            or_(Job.retry_at.is_(None), Job.retry_at <= now),
+            Job.deadline > now,
+            before,
+        )
+    )
+    return int(count or 0)
+
+
+def _take_turns(
+    session: Session, account: Account, state: AccountState | None, now: datetime, job_id: uuid.UUID
+) -> None:
+    """The admitted create's rate turns (and the breaker's probe, when half open)."""
+    values: dict[str, object] = {"updated_at": now}
+    for column, per_minute, turn in (
+        ("next_create_at", account.limits.creates_per_minute, state and state.next_create_at),
+        ("next_request_at", account.limits.requests_per_minute, state and state.next_request_at),
+    ):
+        if per_minute is not None:
+            start = max(turn, now) if isinstance(turn, datetime) else now
+            values[column] = start + timedelta(seconds=60.0 / per_minute)
+    if state is not None and state.opened_until is not None and state.opened_until <= now:
+        values["probe_job_id"] = job_id
+    _upsert(session, account, values)
+
+
+def take_request_turn(session: Session, account: Account, now: datetime) -> datetime | None:
+    """A turn for one request (a poll, a cancel) under the account's requests per minute:
+    None when taken, else the time the next turn comes."""
+    per_minute = account.limits.requests_per_minute
+    if per_minute is None:
+        return None
+    interval = timedelta(seconds=60.0 / per_minute)
+    _upsert(session, account, {"updated_at": now})
+    taken = session.execute(
+        update(AccountState)
+        .where(
+            AccountState.provider == account.provider,
+            AccountState.account == account.name,
+            or_(AccountState.next_request_at.is_(None), AccountState.next_request_at <= now),
+        )
+        .values(next_request_at=literal(now + interval), updated_at=now)
+    ).rowcount  # type: ignore[attr-defined]
+    if taken:
+        return None
+    return session.scalar(
+        select(AccountState.next_request_at).where(
+            AccountState.provider == account.provider, AccountState.account == account.name
+        )
+    )
+
+
+def pause(session: Session, account: Account, until: datetime, reason: str, now: datetime) -> None:
+    """The provider refused for load (429): no create on the account before ``until``."""
+    _upsert(
+        session, account, {"paused_until": until, "pause_reason": reason[:255], "updated_at": now}
+    )
+
+
+def record_outcome(
+    session: Session,
+    account: Account,
+    job_id: uuid.UUID,
+    *,
+    transient_failure: bool,
+    now: datetime,
+    threshold: int,
+    cooldown: float,
+) -> None:
+    """A create's outcome for the account's breaker: a transient failure counts (at the
+    threshold, or when the probe failed, it opens for ``cooldown``); anything else closes it."""
+    state = session.get(AccountState, (account.provider, account.name))
+    if not transient_failure:
+        if state is not None and (state.failures or state.probe_job_id is not None):
+            _upsert(
+                session,
+                account,
+                {"failures": 0, "opened_until": None, "probe_job_id": None, "updated_at": now},
+            )
+        return
+    failures = (state.failures if state is not None else 0) + 1
+    values: dict[str, object] = {"failures": failures, "updated_at": now, "probe_job_id": None}
+    if failures >= threshold:
+        values["opened_until"] = now + timedelta(seconds=cooldown)
+    _upsert(session, account, values)
+
+
+def _upsert(session: Session, account: Account, values: dict[str, object]) -> None:
+    insert = pg_insert if is_postgres(session) else sqlite_insert
+    statement = insert(AccountState).values(
+        provider=account.provider, account=account.name, failures=0, **values
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[AccountState.provider, AccountState.account],
+            set_={k: statement.excluded[k] for k in values},
+        )
+    )
+
+
+def waiting_head(session: Session, provider: str, limit: int, now: datetime) -> list[uuid.UUID]:
+    """The first ``limit`` jobs of the provider's queue that wait for capacity."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.provider == provider,
+                Job.status == JobStatus.QUEUED.value,
+                Job.waiting_reason.is_not(None),
+                Job.create_started_at.is_(None),
+                or_(Job.claimed_until.is_(None), Job.claimed_until <= now),
+            )
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+        )
+    )
