@@ -401,3 +401,60 @@ def waiting_head(session: Session, provider: str, limit: int, now: datetime) -> 
             .limit(limit)
         )
     )
+
+
+@dataclass(frozen=True)
+class AccountStatus:
+    """An account as operators see it (`variflow accounts`, the dashboard, metrics)."""
+
+    account: Account
+    usage: Usage
+    waiting: int  # the provider's jobs waiting for capacity (shared by its accounts)
+    paused_until: datetime | None
+    pause_reason: str | None
+    breaker: str  # "closed", "open" or "half-open"
+    opened_until: datetime | None
+    failures: int
+
+
+def snapshot(
+    session: Session, accounts: Sequence[Account], now: datetime, breaker_threshold: int
+) -> list[AccountStatus]:
+    """Every given account's slots in use, today's budgets and health, read now."""
+    found: list[AccountStatus] = []
+    by_provider: dict[str, list[Account]] = {}
+    for account in accounts:
+        by_provider.setdefault(account.provider, []).append(account)
+    for provider, own in by_provider.items():
+        usage = usage_by_account(session, provider, now)
+        states = _states(session, provider)
+        waiting = session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.provider == provider,
+                Job.status == JobStatus.QUEUED.value,
+                Job.waiting_reason.is_not(None),
+            )
+        )
+        for account in own:
+            state = states.get(account.name)
+            failures = state.failures if state is not None else 0
+            opened = state.opened_until if state is not None else None
+            breaker = "closed"
+            if opened is not None and failures >= breaker_threshold:
+                breaker = "open" if opened > now else "half-open"
+            paused = state.paused_until if state is not None else None
+            found.append(
+                AccountStatus(
+                    account=account,
+                    usage=usage.get(account.name, Usage()),
+                    waiting=int(waiting or 0),
+                    paused_until=paused if paused is not None and paused > now else None,
+                    pause_reason=state.pause_reason if state is not None else None,
+                    breaker=breaker,
+                    opened_until=opened,
+                    failures=failures,
+                )
+            )
+    return found
