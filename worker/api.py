@@ -118,6 +118,10 @@ class JobInfo:
     events: tuple[EventInfo, ...] = ()
     tenant: str | None = None
     metadata: dict[str, str] | None = None
+    priority: int = 0
+    account: str | None = None
+    waiting_reason: str | None = None
+    cost: float | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -144,6 +148,10 @@ class JobInfo:
             completed_at=job.completed_at,
             tenant=job.tenant,
             metadata=dict(job.job_metadata) if job.job_metadata is not None else None,
+            priority=job.priority or 0,
+            account=job.account,
+            waiting_reason=job.waiting_reason,
+            cost=job.cost,
             events=tuple(EventInfo.of(e) for e in events or []),
         )
 
@@ -174,6 +182,7 @@ def submit_variation(
     on_complete_task: str | None = None,
     tenant: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    priority: int = 0,
     runtime: Runtime | None = None,
     **params: Any,
 ) -> JobInfo:
@@ -189,6 +198,8 @@ def submit_variation(
     ``tenant`` names whose job it is (as an API token's tenant does; see
     ``variflow tokens``); idempotency keys are per tenant. ``metadata`` is the
     application's own labels: up to 16 short string keys and values.
+    ``priority`` (-100 to 100, default 0) orders the provider's queue when its
+    accounts are at capacity: higher first, then oldest.
 
     When the job ends, variflow sends ``on_complete_task`` (a Celery task name;
     default VARIFLOW_ON_COMPLETE_TASK) with the job id, and POSTs the final
@@ -203,6 +214,7 @@ def submit_variation(
         on_complete_task=on_complete_task,
         tenant=tenant,
         metadata=metadata,
+        priority=priority,
         runtime=runtime,
         **params,
     ).job
@@ -218,6 +230,7 @@ def submit_or_replay(
     on_complete_task: str | None = None,
     tenant: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    priority: int = 0,
     runtime: Runtime | None = None,
     **params: Any,
 ) -> Submission:
@@ -236,6 +249,8 @@ def submit_or_replay(
     if tenant is not None:
         check_name("tenant", tenant)
     labels = metadata if metadata is None else _metadata(metadata)
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -100 <= priority <= 100:
+        raise InvalidInput("priority", "a whole number from -100 to 100 (higher goes first)")
     stored_image = None
     if image is not None:
         if "image_url" in params:
@@ -276,6 +291,7 @@ def submit_or_replay(
         notify_url=notify_url,
         on_complete_task=on_complete_task,
         metadata=labels,
+        priority=priority,
     )
     # No read before the insert: the unique index on (tenant, key) decides, also between
     # concurrent duplicates, and a new key (the common case) costs no extra round trip.
@@ -298,6 +314,7 @@ def submit_or_replay(
                 request_hash=fingerprint,
                 tenant=tenant,
                 metadata=labels,
+                priority=priority,
                 notify_url=notify_url,
                 on_complete_task=on_complete_task,
                 image=image_row,
@@ -333,6 +350,7 @@ def request_fingerprint(
     notify_url: str | None,
     on_complete_task: str | None,
     metadata: Mapping[str, str] | None,
+    priority: int = 0,
 ) -> str:
     """SHA-256 of what a request asked for: two requests with one idempotency key are
     the same request only if these match. The image counts by its digest; the
@@ -345,6 +363,7 @@ def request_fingerprint(
         "notify_url": notify_url,
         "on_complete_task": on_complete_task,
         "metadata": metadata,
+        "priority": priority,
     }
     canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -383,6 +402,7 @@ def resubmit_job(
         on_complete_task=old.on_complete_task,
         tenant=old.tenant,
         metadata=old.job_metadata,
+        priority=old.priority or 0,
         idempotency_key=idempotency_key,
         runtime=rt,
         **old.params,

@@ -835,6 +835,10 @@ class RemoteJob:
     tenant: str | None
     metadata: dict[str, str]
     results: list[dict[str, Any]]
+    priority: int = 0
+    account: str | None = None  # not shown by the API
+    waiting_reason: str | None = None
+    cost: float | None = None
 
 
 def _remote_view(
@@ -865,6 +869,9 @@ def _remote_view(
         results=[
             {"index": r.index, "url": r.url, "provider_url": r.provider_url} for r in job.results
         ],
+        priority=job.priority,
+        waiting_reason=job.waiting_reason,
+        cost=job.cost,
     )
 
 

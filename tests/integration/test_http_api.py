@@ -430,6 +430,7 @@ def test_the_document_describes_every_operation_without_a_token(client: FlaskCli
     assert set(create_op["requestBody"]["content"]) == {"application/json", "multipart/form-data"}
     schemas = document["components"]["schemas"]
     assert set(schemas["CreateJob"]["properties"]) == {
+        "priority",
         "provider",
         "input",
         "deadline",

@@ -55,6 +55,13 @@ class CreateJob(_Strict):
         description="POSTed the final state, signed per Standard Webhooks.",
     )
     metadata: Metadata | None = None
+    priority: int = Field(
+        default=0,
+        ge=-100,
+        le=100,
+        strict=True,
+        description="Higher goes first in the provider's queue when its accounts are full.",
+    )
 
     @field_validator("deadline", mode="before")
     @classmethod
@@ -73,6 +80,7 @@ class CreateJobForm(BaseModel):
     deadline: str | None = Field(default=None, description="As in the JSON request.")
     notify_url: str | None = None
     metadata: str | None = Field(default=None, description="The metadata object as JSON text.")
+    priority: str | None = Field(default=None, description="As in the JSON request.")
     image: bytes | None = Field(
         default=None, json_schema_extra={"format": "binary"}, description="The input image."
     )
@@ -128,6 +136,11 @@ class Job(BaseModel):
     idempotency_key: str | None
     error: JobError | None
     results: list[ResultLink]
+    priority: int
+    waiting_reason: str | None = Field(
+        description="Why a queued job is not submitted yet (provider capacity), else null."
+    )
+    cost: float | None = Field(description="What the job cost, when the provider said.")
     deadline: datetime
     created_at: datetime
     updated_at: datetime

@@ -118,6 +118,7 @@ def create_job() -> ResponseReturnValue:
             deadline=body.deadline,
             notify_url=body.notify_url,
             metadata=body.metadata,
+            priority=body.priority,
             tenant=caller().tenant,
             runtime=rt,
             **fields,
@@ -158,6 +159,8 @@ def _form_body() -> tuple[dict[str, Any], bytes | None]:
                 raise invalid(name, "must be a JSON object as text") from None
         elif name == "deadline" and NUMBER.fullmatch(value.strip()):
             raw[name] = _seconds(value)
+        elif name == "priority":
+            raw[name] = _whole(value)
         else:
             raw[name] = value
     raw.setdefault("input", {})
@@ -179,6 +182,13 @@ def _seconds(value: str) -> float:
         return float(value)
     except ValueError:  # "1.2.3" matches the pattern but is no number
         raise invalid("deadline", "a number of seconds or an RFC 3339 time") from None
+
+
+def _whole(value: str) -> int | str:
+    try:
+        return int(value)
+    except ValueError:  # left as text: the model names the field
+        return value
 
 
 def _decode_image(value: object) -> bytes:
@@ -387,6 +397,9 @@ def _job(job: JobInfo) -> dict[str, Any]:
         "idempotency_key": job.idempotency_key,
         "error": error,
         "results": results,
+        "priority": job.priority,
+        "waiting_reason": job.waiting_reason,
+        "cost": job.cost,
         "deadline": job.deadline.isoformat(),
         "created_at": job.created_at.isoformat(),
         "updated_at": job.updated_at.isoformat(),

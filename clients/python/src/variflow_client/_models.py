@@ -47,6 +47,10 @@ class Job:
     updated_at: datetime
     submitted_at: datetime | None
     completed_at: datetime | None
+    priority: int = 0
+    # Why a queued job is not submitted yet (its provider's capacity), else None.
+    waiting_reason: str | None = None
+    cost: float | None = None  # what it cost, when the provider said
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -74,6 +78,9 @@ class Job:
             updated_at=_time(obj, "updated_at"),
             submitted_at=_opt_time(obj, "submitted_at"),
             completed_at=_opt_time(obj, "completed_at"),
+            priority=_int(obj, "priority", default=0),
+            waiting_reason=_opt_str(obj, "waiting_reason"),
+            cost=_opt_number(obj, "cost"),
             raw=dict(obj),
         )
 
@@ -192,3 +199,12 @@ def _time(obj: Mapping[str, Any], name: str) -> datetime:
 
 def _opt_time(obj: Mapping[str, Any], name: str) -> datetime | None:
     return None if obj.get(name) is None else _time(obj, name)
+
+
+def _opt_number(obj: Mapping[str, Any], key: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidResponse(f"{key}: expected a number, got {type(value).__name__}")
+    return float(value)
