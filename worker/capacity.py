@@ -69,6 +69,7 @@ class Decision:
     until: datetime | None = None  # when that reason ends by itself (None: a job's end)
     fail: bool = False  # a budget is exhausted and the policy is to fail at once
     ahead: int = 0  # jobs of the provider before this one in the queue
+    room: bool = False  # waits only for earlier jobs, though an account has room now
 
     @property
     def admitted(self) -> bool:
@@ -143,6 +144,7 @@ def admit(
         return Decision(
             reason=f"waiting for a slot: {ahead} earlier jobs of {provider} go first",
             ahead=ahead,
+            room=True,
         )
     account = max(open_accounts, key=lambda pair: pair[1])[0]
     _take_turns(session, account, states.get(account.name), now, job.id)

@@ -1158,6 +1158,8 @@ def resend_lost(
     lost = select(Job).where(
         Job.status == JobStatus.QUEUED.value,
         Job.claimed_until.is_(None),
+        # Waiting for capacity is not lost: the queue's head is woken (worker/sweep.py).
+        Job.waiting_reason.is_(None),
         or_(Job.retry_at.is_(None), Job.retry_at < now - grace),
         Job.updated_at < now - grace,
     )

@@ -231,6 +231,7 @@ def _admit(
             assert decision.reason is not None
             jobs.refuse(session, job, ErrorCode.BUDGET_EXHAUSTED, decision.reason, now)
             return NOTHING_TO_DO
+        head: list[uuid.UUID]
         if decision.account is None:
             assert decision.reason is not None
             jobs.set_waiting(session, job_id, decision.reason, now)
@@ -238,15 +239,21 @@ def _admit(
             if decision.until is not None and decision.ahead == 0:
                 timer = max(0.05, (decision.until - now).total_seconds())
             log.info("job %s waits: %s", job_id, decision.reason)
-            return SubmitOutcome(retry_in=timer)
-        claim = claim_for_submit(
-            job_id, runtime, mark_create=True, account=decision.account, session=session
-        )
-        head = capacity.waiting_head(session, job.provider, 1, now) if claim else []
-    # Committed: the next in line may be admitted now, by another worker.
+            # Room, but earlier jobs first: make sure the first of them is on its way.
+            head = capacity.waiting_head(session, job.provider, 2, now) if decision.room else []
+            outcome = SubmitOutcome(retry_in=timer)
+        else:
+            outcome = None
+            claim = claim_for_submit(
+                job_id, runtime, mark_create=True, account=decision.account, session=session
+            )
+            head = capacity.waiting_head(session, job.provider, 1, now) if claim else []
+    # Committed: the next in line may be admitted now, by another worker (never this
+    # job itself: it would only wake itself again).
+    head = [waiting for waiting in head if waiting != job_id]
     if head:
         wake(head)
-    return claim
+    return outcome if outcome is not None else claim
 
 
 def _not_claimed(job_id: uuid.UUID, runtime: Runtime, held_retries: int) -> SubmitOutcome:

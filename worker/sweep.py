@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from worker import jobs
+from worker import capacity, jobs
 from worker.errors import ErrorCode
 from worker.jobs import NOT_RESENT
 from worker.models import utcnow
@@ -35,11 +35,12 @@ class SweepReport:
     rescheduled: list[uuid.UUID] = field(default_factory=list)
     unknown: list[uuid.UUID] = field(default_factory=list)
     refinalize: list[uuid.UUID] = field(default_factory=list)
+    woken: list[uuid.UUID] = field(default_factory=list)
     providers: dict[uuid.UUID, str] = field(default_factory=dict)
 
     @property
     def to_submit(self) -> list[uuid.UUID]:
-        return self.resent + self.released
+        return self.resent + self.released + self.woken
 
 
 def sweep(runtime: Runtime) -> SweepReport:
@@ -69,6 +70,14 @@ def sweep(runtime: Runtime) -> SweepReport:
         report.resent = list(resent)
         report.providers = {**expired.released, **resent}
         report.rescheduled = jobs.schedule_unscheduled(session, now, SWEEP_LIMIT, skip_locked)
+        # Jobs waiting for capacity are woken when a job ends or one is admitted; should
+        # such a wake be lost, the head of each limited provider's queue is woken here.
+        for provider in settings.provider_names:
+            accounts = runtime.providers.accounts(provider)
+            if capacity.limited(accounts):
+                head = capacity.waiting_head(session, provider, len(accounts), now)
+                report.woken += head
+                report.providers.update(dict.fromkeys(head, provider))
         report.refinalize = jobs.unfinished_after_the_end(
             session,
             now,
