@@ -35,13 +35,14 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
+from typing import Any
 
 from sqlalchemy import and_, case, func, literal, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from worker.accounts import Account
+from worker.accounts import Account, Limits
 from worker.db import is_postgres
 from worker.errors import ErrorCode
 from worker.models import AccountState, Job
@@ -59,7 +60,17 @@ class Usage:
     in_flight: int = 0
     jobs_today: int = 0
     failed_today: int = 0
-    spend_today: float = 0.0
+    reported_spend: float = 0.0  # what the provider said today's ended jobs cost
+    unpriced_jobs: int = 0  # jobs completed today whose provider reported no cost...
+    unpriced_images: int = 0  # ...and their result images (for a configured price)
+
+    def spend(self, limits: Limits) -> float:
+        """Today's spend: the provider's reports, else the account's prices."""
+        return (
+            self.reported_spend
+            + self.unpriced_jobs * (limits.price_per_job or 0.0)
+            + self.unpriced_images * (limits.price_per_image or 0.0)
+        )
 
 
 @dataclass(frozen=True)
@@ -196,7 +207,7 @@ def _blocked(
             tomorrow,
             budget=True,
         )
-    if limits.daily_spend_cap is not None and usage.spend_today >= limits.daily_spend_cap:
+    if limits.daily_spend_cap is not None and usage.spend(limits) >= limits.daily_spend_cap:
         return _Block(
             f"daily spend cap of {limits.daily_spend_cap:g} reached on {label}: resumes 00:00 UTC",
             tomorrow,
@@ -246,6 +257,10 @@ def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str
         Job.error_code.in_(UPSTREAM_FAILURES),
         Job.completed_at >= day,
     )
+    unpriced = and_(
+        Job.status == JobStatus.COMPLETED.value, Job.completed_at >= day, Job.cost.is_(None)
+    )
+    images = _array_length(session, Job.result_urls)
     rows = session.execute(
         select(
             Job.account,
@@ -253,6 +268,8 @@ def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str
             func.sum(case((Job.create_started_at >= day, 1), else_=0)),
             func.sum(case((failed_today, 1), else_=0)),
             func.sum(case((Job.completed_at >= day, func.coalesce(Job.cost, 0.0)), else_=0.0)),
+            func.sum(case((unpriced, 1), else_=0)),
+            func.sum(case((unpriced, func.coalesce(images, 0)), else_=0)),
         )
         .where(
             Job.provider == provider,
@@ -262,9 +279,23 @@ def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str
         .group_by(Job.account)
     )
     return {
-        account: Usage(int(held or 0), int(jobs or 0), int(failed or 0), float(spend or 0.0))
-        for account, held, jobs, failed, spend in rows
+        account: Usage(
+            int(held or 0),
+            int(jobs or 0),
+            int(failed or 0),
+            float(spend or 0.0),
+            int(unpriced_jobs or 0),
+            int(unpriced_images or 0),
+        )
+        for account, held, jobs, failed, spend, unpriced_jobs, unpriced_images in rows
     }
+
+
+def _array_length(session: Session, column: Any) -> Any:
+    # The number of result images of a row (a JSON array), on either database.
+    if is_postgres(session):
+        return func.jsonb_array_length(column)
+    return func.json_array_length(column)
 
 
 def _ahead(session: Session, job: Job, now: datetime) -> int:
@@ -411,6 +442,7 @@ class AccountStatus:
 
     account: Account
     usage: Usage
+    spend_today: float  # usage.spend(account.limits): reported costs, else configured prices
     waiting: int  # the provider's jobs waiting for capacity (shared by its accounts)
     paused_until: datetime | None
     pause_reason: str | None
@@ -451,6 +483,7 @@ def snapshot(
                 AccountStatus(
                     account=account,
                     usage=usage.get(account.name, Usage()),
+                    spend_today=usage.get(account.name, Usage()).spend(account.limits),
                     waiting=int(waiting or 0),
                     paused_until=paused if paused is not None and paused > now else None,
                     pause_reason=state.pause_reason if state is not None else None,

@@ -171,6 +171,8 @@ def transition(job: JobLike, update: UpstreamState, now: datetime) -> Transition
     if target.is_terminal:
         changes["completed_at"] = now
         changes["next_poll_at"] = None
+        if update.cost is not None:
+            changes["cost"] = update.cost  # what the provider reported it cost
     return Transition(
         changes=changes,
         event=EventRecord(

@@ -81,6 +81,8 @@ class UpstreamState:
     # Result images the provider sent inline (base64): stored by variflow and
     # turned into image_urls (worker.results.store_inline) before a transition.
     images: tuple[bytes, ...] = field(default=(), repr=False)
+    # What the task cost, when the provider reports it (PiAPI's meta.usage points).
+    cost: float | None = None
 
 
 @dataclass(frozen=True)

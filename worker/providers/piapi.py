@@ -58,6 +58,18 @@ class PiAPISettings(ProviderSettings):
     webhook_grace: float = Field(default=120.0, ge=0)
 
 
+def _consumed(data: Mapping[str, Any]) -> float | None:
+    """The points a finished task consumed (``meta.usage.consume``), if reported sanely."""
+    meta = data.get("meta")
+    usage = meta.get("usage") if isinstance(meta, Mapping) else None
+    consume = usage.get("consume") if isinstance(usage, Mapping) else None
+    if isinstance(consume, bool) or not isinstance(consume, int | float):
+        return None
+    if not math.isfinite(consume) or not 0 <= consume < 1e15:
+        return None
+    return float(consume)
+
+
 class PiAPIProvider:
     name: ClassVar[str] = "piapi"
     settings_model: ClassVar[type[ProviderSettings]] = PiAPISettings
@@ -226,6 +238,7 @@ class PiAPIProvider:
                 error_message=error_message,
                 upstream_task_id=str(task_id) if task_id else None,
                 payload={"status": raw_status, "progress": progress, "task_id": task_id},
+                cost=_consumed(data) if status.is_terminal else None,
             )
         )
 
