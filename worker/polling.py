@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker import jobs
+from worker import capacity, jobs
+from worker.accounts import Account
 from worker.errors import TransientUpstreamError, UpstreamError
 from worker.heartbeat import heartbeat
 from worker.jobs import PollPlan
@@ -102,7 +103,8 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime
     with heartbeat(leases.renew, runtime.settings.poll_lease / 3, f"{provider_name} poll lease"):
         for account, targets in by_account.items():
             adapter = runtime.providers.for_account(provider_name, account)
-            _poll(adapter, targets, plan, runtime, leases)
+            limits = _account(runtime, provider_name, account)
+            _poll(adapter, targets, plan, runtime, leases, limits)
 
 
 def _poll(
@@ -111,11 +113,24 @@ def _poll(
     plan: PollPlan,
     runtime: Runtime,
     leases: _Leases,
+    account: Account | None = None,
 ) -> None:
     provider_name = adapter.name
     size = max(1, adapter.batch_poll_size)
     for start in range(0, len(targets), size):
         chunk = targets[start : start + size]
+        wait = _request_turn(account, runtime)
+        if wait is not None:
+            # The account's requests a minute are spent: the rest is polled at its turn.
+            with leases.lock:
+                rest = targets[start:]
+                limit = TransientUpstreamError(
+                    f"{account.label if account else provider_name}: requests per minute reached",
+                    retry_after=wait,
+                )
+                _reschedule(rest, limit, plan, runtime, retry_after=wait)
+                leases.done([t.job_id for t in rest])
+            return
         try:
             states = adapter.poll(chunk)
         except TransientUpstreamError as exc:
@@ -143,6 +158,26 @@ def _poll(
         with leases.lock:
             _reschedule(chunk, error, plan, runtime)
             leases.done([t.job_id for t in chunk])
+
+
+def _account(runtime: Runtime, provider: str, name: str | None) -> Account | None:
+    """The job's account when its requests a minute are limited (else nothing to count)."""
+    for account in runtime.providers.accounts(provider):
+        if account.name == name and account.limits.requests_per_minute is not None:
+            return account
+    return None
+
+
+def _request_turn(account: Account | None, runtime: Runtime) -> float | None:
+    """None: a request may go now (its turn taken); else seconds until the next turn."""
+    if account is None:
+        return None
+    now = utcnow()
+    with runtime.session() as session:  # one conditional write takes the turn
+        next_turn = capacity.take_request_turn(session, account, now)
+    if next_turn is None:
+        return None
+    return max(0.05, (next_turn - now).total_seconds())
 
 
 def _apply_answers(
