@@ -111,6 +111,7 @@ def admit(
     *,
     budget_policy: str = "wait",
     breaker_threshold: int = 5,
+    breaker_cooldown: float = 60.0,
 ) -> Decision:
     """Decide for the queued ``job`` (its row, read by the caller), within the caller's
     transaction; when admitted, the account's rate turns are taken (the caller then
@@ -129,6 +130,7 @@ def admit(
             now,
             job.id,
             breaker_threshold,
+            breaker_cooldown,
         )
         if block is not None:
             blocks.append(block)
@@ -175,6 +177,7 @@ def _blocked(
     now: datetime,
     job_id: uuid.UUID,
     breaker_threshold: int,
+    breaker_cooldown: float = 60.0,
 ) -> _Block | None:
     limits = account.limits
     label = account.label
@@ -191,8 +194,11 @@ def _blocked(
                     f"({state.failures} failures in a row)",
                     state.opened_until,
                 )
-            if state.probe_job_id is not None and state.probe_job_id != job_id:
-                return _Block(f"circuit half open on {label}: one probe job decides", None)
+            probe_until = state.updated_at + timedelta(seconds=breaker_cooldown)
+            if state.probe_job_id not in (None, job_id) and probe_until > now:
+                # One probe at a time; a probe that never reported (its worker died)
+                # gives way to another after a cool-down.
+                return _Block(f"circuit half open on {label}: one probe job decides", probe_until)
     tomorrow = next_utc_day(now)
     if limits.daily_jobs is not None and usage.jobs_today >= limits.daily_jobs:
         return _Block(
@@ -265,7 +271,9 @@ def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str
         select(
             Job.account,
             func.sum(case((holding, 1), else_=0)),
-            func.sum(case((Job.create_started_at >= day, 1), else_=0)),
+            func.sum(
+                case((or_(Job.submitted_at >= day, Job.create_started_at >= day), 1), else_=0)
+            ),
             func.sum(case((failed_today, 1), else_=0)),
             func.sum(case((Job.completed_at >= day, func.coalesce(Job.cost, 0.0)), else_=0.0)),
             func.sum(case((unpriced, 1), else_=0)),
@@ -408,7 +416,7 @@ def record_outcome(
 def _upsert(session: Session, account: Account, values: dict[str, object]) -> None:
     insert = pg_insert if is_postgres(session) else sqlite_insert
     statement = insert(AccountState).values(
-        provider=account.provider, account=account.name, failures=0, **values
+        provider=account.provider, account=account.name, **({"failures": 0} | values)
     )
     session.execute(
         statement.on_conflict_do_update(

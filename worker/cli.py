@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -417,6 +418,117 @@ def list_jobs(
             f"{job.id!s:36}  {job.provider:9}  {job.status:10}  {job.progress:>3}  "
             f"{job.created_at:%Y-%m-%d %H:%M:%S}  {job.error_code or ''}"
         )
+
+
+@cli.command("accounts")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def accounts_command(as_json: bool) -> None:
+    """Provider accounts: slots in use, today's jobs, failed tasks and spend against
+    their limits, pause, breaker, and the provider's jobs waiting for capacity.
+
+    Keys are shown by fingerprint only (8 hex digits of their SHA-256). Reads this
+    host's settings and database, as the tokens commands do.
+    """
+    from worker import capacity
+    from worker.celery_app import build_runtime
+    from worker.models import utcnow
+
+    _require_database((*VARIFLOW_TABLES, "account_states"))
+    rt = runtimes.ensure(lambda: build_runtime(_settings()))
+    every = tuple(a for name in rt.settings.provider_names for a in rt.providers.accounts(name))
+    with rt.session() as session:
+        statuses = capacity.snapshot(session, every, utcnow(), rt.settings.breaker_threshold)
+    rows = [_account_json(status) for status in statuses]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(_table(_ACCOUNT_HEADINGS, [_account_cells(row) for row in rows]))
+
+
+_ACCOUNT_HEADINGS = (
+    "ACCOUNT",
+    "KEY",
+    ">SLOTS",
+    ">JOBS TODAY",
+    ">FAILED",
+    ">SPEND",
+    "BREAKER",
+    ">WAITING",
+    "PAUSED",
+)
+
+
+def _account_json(status: Any) -> dict[str, Any]:
+    """A capacity.AccountStatus as --json prints it: never the key, its fingerprint."""
+    account = status.account
+    paused = status.paused_until is not None
+    return {
+        "provider": account.provider,
+        "account": account.name,
+        "fingerprint": account.fingerprint,
+        "in_flight": status.usage.in_flight,
+        "jobs_today": status.usage.jobs_today,
+        "failed_today": status.usage.failed_today,
+        "spend_today": status.spend_today,
+        "limits": dataclasses.asdict(account.limits),
+        "waiting": status.waiting,
+        "paused_until": status.paused_until,
+        # The reason of a pause that is over is history, not state.
+        "pause_reason": status.pause_reason if paused else None,
+        "breaker": status.breaker,
+        "opened_until": status.opened_until if status.breaker != "closed" else None,
+        "failures": status.failures,
+    }
+
+
+def _account_cells(row: dict[str, Any]) -> list[str]:
+    limits = row["limits"]
+
+    def of(used: object, limit: object) -> str:
+        return f"{used}/{'-' if limit is None else limit}"
+
+    def amount(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}".rstrip("0").rstrip(".")
+
+    breaker = row["breaker"]
+    if breaker == "open":
+        breaker = f"open until {row['opened_until']:%H:%M:%S} UTC"
+    paused = "-"
+    if row["paused_until"] is not None:
+        paused = f"until {row['paused_until']:%H:%M:%S} UTC"
+        if row["pause_reason"]:
+            paused += f": {row['pause_reason']}"
+    return [
+        f"{row['provider']}/{row['account']}",
+        row["fingerprint"],
+        of(row["in_flight"], limits["max_in_flight"]),
+        of(row["jobs_today"], limits["daily_jobs"]),
+        of(row["failed_today"], limits["daily_failed"]),
+        f"{amount(row['spend_today'])}/{amount(limits['daily_spend_cap'])}",
+        breaker,
+        str(row["waiting"]),
+        _printable(paused),
+    ]
+
+
+def _printable(text: str) -> str:
+    # A pause reason is the provider's text: no escape sequence of theirs reaches a terminal.
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _table(headings: tuple[str, ...], rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell; a heading starting with ">" is right-aligned.
+    The last column is not padded (a long pause reason does not widen every line)."""
+    names = [h.lstrip(">") for h in headings]
+    widths = [max(len(cell) for cell in column) for column in zip(names, *rows, strict=False)]
+    lines = []
+    for cells in [names, *rows]:
+        padded = [
+            cell.rjust(width) if heading.startswith(">") else cell.ljust(width)
+            for heading, cell, width in zip(headings[:-1], cells, widths, strict=False)
+        ]
+        lines.append("  ".join([*padded, cells[-1]]))
+    return "\n".join(lines)
 
 
 @cli.group()

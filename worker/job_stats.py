@@ -2,6 +2,10 @@
 
 Two small queries, cached per process for :data:`STATS_TTL` seconds, so that
 several scrapers (or several gunicorn threads) do not each run them.
+
+Also here, for the capacity gauges (webhooks/metrics.py), the dashboard and the
+CLI: why queued jobs wait for capacity, as a small fixed set of kinds
+(:func:`wait_reason_kind`) and counted by provider and kind (:func:`query_waiting`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine, func, select, union_all
+from sqlalchemy import Engine, case, func, literal, select, union_all
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from worker.models import Job, utcnow
 from worker.states import ACTIVE_UPSTREAM_STATUSES, JobStatus
@@ -28,6 +33,19 @@ log = logging.getLogger(__name__)
 # Per process: a scrape within this many seconds of the last query reuses it.
 STATS_TTL = 5.0
 ACTIVE = sorted(s.value for s in ACTIVE_UPSTREAM_STATUSES)
+
+# Why a job waits, by how its waiting_reason starts (the texts worker/capacity.py
+# writes). A reason joining several accounts' starts with the first one's, which
+# names it. Kinds, not texts, become label values: texts carry counts and times.
+WAIT_REASON_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("waiting for a slot", "slot"),
+    ("rate limit", "rate"),
+    ("daily budget", "budget"),
+    ("daily spend cap", "budget"),
+    ("paused until", "paused"),
+    ("circuit ", "breaker"),  # "circuit open until ...", "circuit half open ..."
+)
+WAIT_REASONS = ("slot", "rate", "budget", "paused", "breaker", "other")
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,44 @@ def query_job_stats(engine: Engine) -> JobStats:
         }
         at = conn.execute(select(func.min(oldest.c.at))).scalar_one_or_none()
     return JobStats(counts, at)
+
+
+def wait_reason_kind(reason: str | None) -> str:
+    """The kind of a waiting_reason: one of :data:`WAIT_REASONS` (``other`` for a text
+    this version does not know, or none)."""
+    for prefix, kind in WAIT_REASON_PREFIXES:
+        if reason is not None and reason.startswith(prefix):
+            return kind
+    return "other"
+
+
+def query_waiting(session: Session) -> dict[tuple[str, str], int]:
+    """Queued jobs waiting for capacity, by (provider, kind of reason), in one query.
+
+    The kind is worked out in SQL from the same prefixes as :func:`wait_reason_kind`,
+    so the rows are a handful whatever the number of waiting jobs; grouped in an outer
+    query because PostgreSQL cannot tell that a CASE with bound parameters in the
+    SELECT is the same expression as in the GROUP BY.
+    """
+    reason = Job.waiting_reason
+    kind = case(
+        *(
+            (reason.startswith(prefix, autoescape=True), kind)
+            for prefix, kind in WAIT_REASON_PREFIXES
+        ),
+        else_=literal("other"),
+    ).label("kind")
+    waiting = (
+        select(Job.provider.label("provider"), kind)
+        .where(Job.status == JobStatus.QUEUED.value, reason.is_not(None))
+        .subquery()
+    )
+    rows = session.execute(
+        select(waiting.c.provider, waiting.c.kind, func.count()).group_by(
+            waiting.c.provider, waiting.c.kind
+        )
+    )
+    return {(str(provider), str(kind)): int(count) for provider, kind, count in rows}
 
 
 class JobStatsCache:

@@ -17,10 +17,11 @@ the folder reuse pids.
 
 What is counted here, at the moment it happens: webhook deliveries (the web
 app), upstream HTTP calls (``providers/base.py: send``), jobs reaching a
-terminal state (a consumer of "a job ended", after commit). What the database
-knows (jobs by status, polling lag) is read at scrape time
-(worker/job_stats.py). This module is on the ground floor: it imports nothing
-of variflow but its status values.
+terminal state (a consumer of "a job ended", after commit), how long a job
+waited for provider capacity (when it is admitted). What the database knows
+(jobs by status, polling lag, accounts' capacity) is read at scrape time
+(worker/job_stats.py, webhooks/metrics.py). This module is on the ground
+floor: it imports nothing of variflow but its status values.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ UPSTREAM_OUTCOMES = (
 )
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 180)
 JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 21600)
+# A job waits for capacity from seconds (a slot, a rate turn) to a day (a daily budget
+# resumes at 00:00 UTC), so the buckets reach 24 h.
+CAPACITY_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 43200, 86400)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class Metrics:
     upstream_duration: Histogram
     jobs_terminal: Counter
     job_duration: Histogram
+    capacity_wait: Histogram
 
 
 _lock = threading.Lock()
@@ -189,6 +194,14 @@ def _create(target: Target) -> Metrics:
             buckets=JOB_BUCKETS,
             registry=None,
         ),
+        capacity_wait=Histogram(
+            "variflow_capacity_wait_seconds",
+            "From a job's creation to its admission on an account, for jobs that had to "
+            "wait for capacity (a slot, a rate, a budget, a pause or a breaker).",
+            ["provider"],
+            buckets=CAPACITY_WAIT_BUCKETS,
+            registry=None,
+        ),
     )
 
 
@@ -282,6 +295,17 @@ def observe_terminal(job: TerminalJob) -> None:
         metrics.job_duration.labels(label, job.status).observe(seconds)
 
     _safely("a terminal job", record)
+
+
+def observe_capacity_wait(provider: str, seconds: float) -> None:
+    """A job that waited for capacity was admitted after ``seconds`` (called by the
+    submit flow once the admission is committed)."""
+    _safely(
+        "a capacity wait",
+        lambda: (
+            get_metrics().capacity_wait.labels(_provider_label(provider)).observe(max(0.0, seconds))
+        ),
+    )
 
 
 def build_registry(collectors: Iterable[Any] = ()) -> CollectorRegistry:

@@ -226,6 +226,7 @@ def _admit(
             now,
             budget_policy=settings.budget_policy,
             breaker_threshold=settings.breaker_threshold,
+            breaker_cooldown=settings.breaker_cooldown,
         )
         if decision.fail:
             assert decision.reason is not None
