@@ -37,7 +37,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import capacity, jobs
+from worker import capacity, jobs, metrics
 from worker.accounts import DEFAULT_ACCOUNT, Account
 from worker.backoff import Backoff
 from worker.db import is_unavailable
@@ -216,9 +216,12 @@ def _admit(
     settings = runtime.settings
     now = utcnow()
     with runtime.session() as session:
+        # The row is read under the lock: a claim another worker committed meanwhile is seen.
+        capacity.lock_provider(session, accounts[0].provider)
         job = session.get(Job, job_id)
         if job is None or not jobs.claimable(job, now):
             return None
+        waited = job.waiting_reason is not None  # read before the claim clears it
         decision = capacity.admit(
             session,
             accounts,
@@ -254,6 +257,8 @@ def _admit(
     head = [waiting for waiting in head if waiting != job_id]
     if head:
         wake(head)
+    if outcome is None and claim is not None and waited:
+        metrics.observe_capacity_wait(job.provider, (now - job.created_at).total_seconds())
     return outcome if outcome is not None else claim
 
 

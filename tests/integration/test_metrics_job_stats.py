@@ -105,13 +105,19 @@ def test_one_grouped_query_per_cache_window(
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         statements.append(" ".join(statement.split()))
 
+    def job_stats_query(statement: str) -> bool:
+        # The job-status queries; the accounts' capacity gauges have their own cache.
+        return (
+            "jobs" in statement and "account" not in statement and "waiting_reason" not in statement
+        )
+
     engine = current().db.engine
     event.listen(engine, "before_cursor_execute", record)
     try:
         first = scrape(client)
         clock[0] += job_stats.STATS_TTL / 2
         second = scrape(client)  # within the window: nothing is asked
-        on_jobs = [s for s in statements if "jobs" in s]
+        on_jobs = [s for s in statements if job_stats_query(s)]
         assert len(on_jobs) == 2, on_jobs
         grouped = [s for s in on_jobs if "GROUP BY" in s]
         assert len(grouped) == 1
@@ -123,7 +129,7 @@ def test_one_grouped_query_per_cache_window(
 
         clock[0] += job_stats.STATS_TTL  # the window has passed: asked again, once
         scrape(client)
-        assert len([s for s in statements if "jobs" in s]) == 4
+        assert len([s for s in statements if job_stats_query(s)]) == 4
     finally:
         event.remove(engine, "before_cursor_execute", record)
 

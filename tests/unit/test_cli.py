@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import email.parser
 import email.policy
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,7 @@ from worker.api import JobInfo, get_job, submit_variation
 from worker.cli import cli
 from worker.config import ConfigError, Settings, reset_settings
 from worker.jobs import apply_update, lock_job
-from worker.models import Job, JobEvent
+from worker.models import AccountState, Job, JobEvent, utcnow
 from worker.runtime import session_scope
 from worker.states import JobStatus, Source, UpstreamState
 
@@ -1487,3 +1488,83 @@ def test_the_default_remote_client_is_a_variflow_client() -> None:
     with remote_client(API_URL, API_TOKEN) as made:
         assert isinstance(made, Client)
         assert made.base_url == API_URL
+
+
+# --- accounts ----------------------------------------------------------------------------
+
+
+def test_accounts_help(runner: CliRunner) -> None:
+    result = run(runner, "accounts", "--help")
+
+    assert result.exit_code == 0, result.output
+    assert "Provider accounts" in result.output and "--json" in result.output
+    assert "  accounts " in run(runner, "--help").output
+
+
+@pytest.mark.usefixtures("db")
+def test_accounts_lists_every_providers_account_with_its_fingerprint(
+    runner: CliRunner, configure: Configure
+) -> None:
+    key = "sk-never-printed-123"
+    configure(piapi_api_key=key, piapi_max_in_flight=3, piapi_daily_failed=30)
+    submit_variation("piapi", **PIAPI_FIELDS)  # queued, not waiting: counts nowhere
+
+    as_json = run(runner, "accounts", "--json")
+    text = run(runner, "accounts")
+
+    assert as_json.exit_code == 0, as_json.output
+    rows = json.loads(as_json.output)
+    assert [(r["provider"], r["account"]) for r in rows] == [
+        (name, "main") for name in ("piapi", "piclaza", "lemondata")
+    ]
+    piapi = rows[0]
+    assert piapi["fingerprint"] == hashlib.sha256(key.encode()).hexdigest()[:8]
+    assert piapi["limits"]["max_in_flight"] == 3 and piapi["limits"]["daily_failed"] == 30
+    assert (piapi["in_flight"], piapi["waiting"], piapi["breaker"]) == (0, 0, "closed")
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    assert lines[0].split()[:2] == ["ACCOUNT", "KEY"]
+    assert lines[1].split()[:5] == ["piapi/main", piapi["fingerprint"], "0/3", "0/-", "0/30"]
+    assert key not in as_json.output and key not in text.output
+
+
+def test_accounts_prints_no_terminal_control_of_a_providers_pause_reason(
+    db: str, runner: CliRunner
+) -> None:
+    with session_scope() as session:
+        session.add(
+            AccountState(
+                provider="piapi",
+                account="main",
+                paused_until=utcnow() + timedelta(minutes=5),
+                pause_reason="slow down\x1b]0;owned\x07\nnow",
+                updated_at=utcnow(),
+            )
+        )
+
+    text = run(runner, "accounts")
+    as_json = run(runner, "accounts", "--json")
+
+    assert text.exit_code == 0, text.output
+    assert "\x1b" not in text.output and "\x07" not in text.output
+    assert "slow down?]0;owned??now" in text.output.splitlines()[1]
+    assert json.loads(as_json.output)[0]["pause_reason"] == "slow down\x1b]0;owned\x07\nnow"
+
+
+def test_accounts_in_another_folder_creates_no_database(
+    runner: CliRunner,
+    new_process: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("VARIFLOW_HOME")
+    new_process()
+
+    result = run(runner, "accounts")
+
+    assert result.exit_code == 2, result.output
+    assert "variflow db upgrade" in error_line(result)
+    assert list(elsewhere.iterdir()) == []

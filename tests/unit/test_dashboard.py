@@ -510,3 +510,73 @@ def test_a_notice_is_one_of_the_dashboard_own_lines(client: FlaskClient) -> None
     assert notice("?notice=%3Cb%3ECall+us%3C/b%3E") is None
     html = client.get(f"/dashboard/jobs/{job_id}?notice=Call+555", auth=AUTH).text
     assert "Call 555" not in html
+
+
+# --- accounts --------------------------------------------------------------------------
+
+
+def test_the_accounts_page_needs_credentials_and_exists_only_with_the_dashboard(
+    client: FlaskClient, configure: Configure
+) -> None:
+    assert client.get("/dashboard/accounts").status_code == 401
+    assert client.get("/dashboard/accounts", auth=(USER, "wrong")).status_code == 401
+    ok = client.get("/dashboard/accounts", auth=AUTH)
+    assert ok.status_code == 200 and ok.headers["Cache-Control"] == "no-store"
+    # Every page links to it (and back to the jobs).
+    index = client.get("/dashboard", auth=AUTH).text
+    assert 'href="/dashboard/accounts"' in index and 'href="/dashboard/"' in ok.text
+
+    configure(dashboard_password="")
+    closed = create_app().test_client()
+    assert closed.get("/dashboard/accounts", auth=AUTH).status_code == 404
+
+
+def test_the_accounts_page_shows_every_providers_account_never_a_key(
+    client: FlaskClient, configure: Configure
+) -> None:
+    key = "sk-very-secret-key"
+    configure(piapi_api_key=key, piapi_max_in_flight=3, piapi_daily_spend_cap=2.5)
+    app = create_app()
+    app.testing = True
+    html = app.test_client().get("/dashboard/accounts", auth=AUTH).text
+
+    labels = re.findall(r'data-account="([^"]+)"', html)
+    assert labels == [f"{p}/main" for p in get_settings().provider_names]
+    row = html.split('data-account="piapi/main"', 1)[1].split("</tr>", 1)[0]
+    assert hashlib.sha256(key.encode()).hexdigest()[:8] in row
+    assert key not in html
+    slots = re.search(r'data-field="slots">(.*?)</td>', row, re.S)
+    assert slots is not None and re.sub(r"<[^>]+>|\s", "", slots.group(1)) == "0/3"
+    assert "/ 2.5" in row
+
+
+def test_the_accounts_page_refreshes_with_the_lists_own_script_while_accounts_are_busy(
+    client: FlaskClient,
+) -> None:
+    quiet = client.get("/dashboard/accounts", auth=AUTH)
+    assert "<script" not in quiet.text and "data-refresh" not in quiet.text
+
+    insert_job(status="processing", account="main", submitted_at=utcnow())
+    busy = client.get("/dashboard/accounts", auth=AUTH)
+
+    assert 'id="accounts" data-live data-refresh="5"' in busy.text
+    assert 'id="waiting" data-live' in busy.text
+    # The same script as the jobs list: the policy's one hash allows it, unchanged.
+    [script] = SCRIPT.findall(busy.text)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert csp(busy.headers["Content-Security-Policy"])["script-src"] == [f"'sha256-{digest}'"]
+
+
+def test_a_waiting_jobs_page_says_why_and_escapes_it(client: FlaskClient) -> None:
+    reason = 'paused until 12:00:00 UTC on piapi/main: <img src=x onerror="alert(1)">'
+    job_id = insert_job(status="queued", waiting_reason=reason, priority=-5)
+    html = client.get(f"/dashboard/jobs/{job_id}", auth=AUTH).text
+    waiting = re.search(r'id="job-waiting">(.*?)</div>', html, re.S)
+    assert waiting is not None
+    assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in waiting.group(1)
+    assert "<img src=x" not in html
+    assert re.search(r'id="job-priority">-5<', html)
+
+    # An ended job's leftover reason is not shown as waiting.
+    ended = insert_job(status="cancelled", waiting_reason=reason)
+    assert 'id="job-waiting"' not in client.get(f"/dashboard/jobs/{ended}", auth=AUTH).text

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Configure
 from webhooks import MAX_BODY_BYTES, create_app
 from webhooks.gunicorn_conf import child_exit
-from webhooks.metrics import webhook_outcome
+from webhooks.metrics import capacity_cache, webhook_outcome
 from worker import job_stats, metrics
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, utcnow
@@ -439,3 +439,92 @@ def test_celery_process_shutdown_marks_the_child_dead(tmp_path: Path, configure:
     dead = _live_gauge_file(tmp_path / "m", 5151)
     worker_process_shutdown.send(sender=None, pid=5151, exitcode=0)
     assert not dead.exists()
+
+
+# --- capacity ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        ("waiting for a slot: 3/3 in flight on piapi/main", "slot"),
+        ("waiting for a slot: 4 earlier jobs of piapi go first", "slot"),
+        ("rate limit of 10 creates a minute on lemondata/main", "rate"),
+        ("daily budget of 30 failed tasks reached on piapi/a: resumes 00:00 UTC", "budget"),
+        ("daily spend cap of 5 reached on piapi/a: resumes 00:00 UTC", "budget"),
+        ("paused until 12:00:00 UTC on piapi/a: 429", "paused"),
+        ("circuit open until 12:00:00 UTC on piapi/a (5 failures in a row)", "breaker"),
+        ("circuit half open on piapi/a: one probe job decides", "breaker"),
+        ("paused until 12:00:00 UTC on piapi/a: 429; waiting for a slot: 1/1", "paused"),
+        ("something new", "other"),
+        ("", "other"),
+        (None, "other"),
+    ],
+)
+def test_wait_reason_kind(reason: str | None, kind: str) -> None:
+    assert job_stats.wait_reason_kind(reason) == kind
+    assert kind in job_stats.WAIT_REASONS
+
+
+def test_capacity_waits_are_observed_by_provider(client: FlaskClient) -> None:
+    metrics.observe_capacity_wait("piapi", 42.0)
+    metrics.observe_capacity_wait("piapi", 7200.0)
+    metrics.observe_capacity_wait("piapi", -1.0)  # a clock step back is no negative wait
+    metrics.observe_capacity_wait("no-such-provider", 1.0)
+
+    samples = scrape(client)
+    name = "variflow_capacity_wait_seconds"
+    assert value(samples, f"{name}_count", provider="piapi") == 3
+    assert value(samples, f"{name}_sum", provider="piapi") == pytest.approx(7242.0)
+    assert value(samples, f"{name}_bucket", provider="piapi", le="60.0") == 2
+    assert value(samples, f"{name}_bucket", provider="piapi", le="86400.0") == 3
+    assert value(samples, f"{name}_count", provider="unknown") == 1
+
+
+def test_capacity_gauges_of_the_default_accounts(client: FlaskClient) -> None:
+    insert_job(status="processing", account="main")
+    insert_job(status="queued", upstream_task_id=None, waiting_reason="waiting for a slot: 1/1")
+    samples = scrape(client)
+    for provider in ("piapi", "piclaza", "lemondata"):
+        labels = {"provider": provider, "account": "main"}
+        assert ("variflow_account_in_flight", frozenset(labels.items())) in samples
+        assert value(samples, "variflow_account_breaker_open", **labels) == 0
+        assert value(samples, "variflow_account_paused", **labels) == 0
+        # No limit: no slots series (0 would read as "no slot at all").
+        assert ("variflow_account_slots", frozenset(labels.items())) not in samples
+    assert value(samples, "variflow_account_in_flight", provider="piapi", account="main") == 1
+    assert value(samples, "variflow_jobs_waiting", provider="piapi", reason="slot") == 1
+    assert ("variflow_jobs_waiting", frozenset({("provider", "piclaza"), ("reason", "other")})) in (
+        samples
+    )
+
+
+def test_capacity_gauges_are_cached_for_the_ttl(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(capacity_cache, "clock", lambda: clock[0])
+    capacity_cache.clear()
+    try:
+        insert_job(status="processing", account="main")
+        gauge = "variflow_account_in_flight"
+        assert value(scrape(client), gauge, provider="piapi", account="main") == 1
+        insert_job(status="processing", account="main")
+        clock[0] += job_stats.STATS_TTL - 0.1
+        assert value(scrape(client), gauge, provider="piapi", account="main") == 1  # cached
+        clock[0] += 0.2
+        assert value(scrape(client), gauge, provider="piapi", account="main") == 2
+    finally:
+        capacity_cache.clear()
+
+
+def test_database_trouble_drops_the_capacity_gauges_not_the_scrape(
+    tmp_path: Path, configure: Configure
+) -> None:
+    configure(database_url=f"sqlite:///{tmp_path / 'not-migrated.db'}")
+    app = create_app()
+    app.testing = True
+    metrics.count_webhook("piapi", "accepted")
+    samples = scrape(app.test_client())
+    assert value(samples, "variflow_webhook_deliveries_total", provider="piapi", outcome="accepted")
+    assert not [name for name, _ in samples if name.startswith("variflow_account_")]

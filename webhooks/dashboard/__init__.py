@@ -4,8 +4,12 @@
                                         50 a page (?page=), filtered by ?status= and
                                         ?provider=; ?q= searches (below); while a job
                                         shown is in flight the list refreshes itself
+    GET  /dashboard/accounts            every provider account: slots in use, today's
+                                        jobs, failed tasks and spend against its limits,
+                                        pause and breaker; the jobs waiting for capacity
     GET  /dashboard/jobs/<id>           one job: its fields, input, results, error and
-                                        timeline, and what can be done with it
+                                        timeline (account, priority, cost, why it waits),
+                                        and what can be done with it
     GET  /dashboard/jobs/<id>/input     the input image stored with the job (job_inputs)
     POST /dashboard/jobs/<id>/cancel    worker.api.cancel_job, then back to the job (303)
     POST /dashboard/jobs/<id>/retry     worker.api.resubmit_job (an ended job only), then

@@ -18,8 +18,11 @@ from urllib.parse import urlsplit
 from sqlalchemy import ColumnElement, Select, func, or_, select, union_all
 from sqlalchemy.orm import Session
 
+from worker import capacity
+from worker.accounts import Account
 from worker.api import EventInfo
 from worker.config import Settings
+from worker.job_stats import WAIT_REASONS, query_waiting
 from worker.models import Job, JobEvent, JobInput
 from worker.states import JobStatus
 from worker.validation import bad_character
@@ -115,10 +118,21 @@ class JobPage:
     provider_urls: tuple[str, ...]
     events: tuple[EventInfo, ...]
     more_events: bool
+    # Provider capacity (worker/capacity.py): the account the job is bound to, its
+    # place in the queue, what it cost, and why a queued job waits.
+    account: str | None
+    priority: int
+    cost: float | None
+    waiting_reason: str | None
 
     @property
     def is_terminal(self) -> bool:
         return JobStatus(self.status).is_terminal
+
+    @property
+    def waiting(self) -> str | None:
+        """Why the job waits for capacity: only while it is queued."""
+        return self.waiting_reason if self.status == JobStatus.QUEUED.value else None
 
     @property
     def duration(self) -> timedelta | None:
@@ -301,7 +315,95 @@ def load_job_page(session: Session, job_id: uuid.UUID, settings: Settings) -> Jo
         provider_urls=tuple(url for url in provider_urls if _is_http(url))[:MAX_THUMBNAILS],
         events=tuple(EventInfo(*event) for event in events[:MAX_EVENTS]),
         more_events=len(events) > MAX_EVENTS,
+        account=job.account,
+        priority=job.priority,
+        cost=job.cost,
+        waiting_reason=job.waiting_reason,
     )
+
+
+# --- accounts ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountRow:
+    """One provider account as the accounts page shows it: its key only as a fingerprint."""
+
+    provider: str
+    name: str
+    fingerprint: str
+    in_flight: int
+    max_in_flight: int | None
+    jobs_today: int
+    daily_jobs: int | None
+    failed_today: int
+    daily_failed: int | None
+    spend_today: float
+    daily_spend_cap: float | None
+    paused_until: datetime | None
+    pause_reason: str | None
+    breaker: str  # "closed", "open" or "half-open"
+    opened_until: datetime | None
+    failures: int
+    waiting: int  # the provider's jobs waiting for capacity (shared by its accounts)
+
+    @property
+    def label(self) -> str:
+        return f"{self.provider}/{self.name}"
+
+    @property
+    def busy(self) -> bool:
+        """Something may change soon: the page refreshes itself while any row is busy."""
+        return bool(self.in_flight or self.waiting or self.paused_until or self.breaker != "closed")
+
+
+@dataclass(frozen=True)
+class ProviderWaiting:
+    provider: str
+    total: int
+    by_reason: tuple[tuple[str, int], ...]  # the kinds with jobs, in WAIT_REASONS order
+
+
+def account_rows(
+    session: Session, accounts: tuple[Account, ...], now: datetime, breaker_threshold: int
+) -> list[AccountRow]:
+    return [
+        AccountRow(
+            provider=status.account.provider,
+            name=status.account.name,
+            fingerprint=status.account.fingerprint,
+            in_flight=status.usage.in_flight,
+            max_in_flight=status.account.limits.max_in_flight,
+            jobs_today=status.usage.jobs_today,
+            daily_jobs=status.account.limits.daily_jobs,
+            failed_today=status.usage.failed_today,
+            daily_failed=status.account.limits.daily_failed,
+            spend_today=status.spend_today,
+            daily_spend_cap=status.account.limits.daily_spend_cap,
+            paused_until=status.paused_until,
+            # The reason of a pause that is over is history, not state.
+            pause_reason=status.pause_reason if status.paused_until is not None else None,
+            breaker=status.breaker,
+            opened_until=status.opened_until if status.breaker != "closed" else None,
+            failures=status.failures,
+            waiting=status.waiting,
+        )
+        for status in capacity.snapshot(session, accounts, now, breaker_threshold)
+    ]
+
+
+def waiting_by_provider(session: Session, providers: tuple[str, ...]) -> list[ProviderWaiting]:
+    """Every provider's jobs waiting for capacity, by kind of reason (worker/job_stats.py)."""
+    counts = query_waiting(session)
+    found = []
+    for provider in dict.fromkeys([*providers, *(p for p, _ in counts)]):
+        by_reason = tuple(
+            (reason, counts[(provider, reason)])
+            for reason in WAIT_REASONS
+            if counts.get((provider, reason))
+        )
+        found.append(ProviderWaiting(provider, sum(n for _, n in by_reason), by_reason))
+    return found
 
 
 def _is_http(url: str) -> bool:
