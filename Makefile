@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/job_cost.py
 	$(BIN)/python bench/submit_rate.py
 	$(BIN)/python bench/e2e_throughput.py
+	$(BIN)/python bench/capacity.py
 
 # The fault run (not part of `make test`): its own PostgreSQL and Redis, several minutes.
 chaos: $(STAMP)

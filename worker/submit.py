@@ -214,10 +214,11 @@ def _admit(
     the job is claimed on an account with capacity, fails (a budget, policy "fail"),
     or waits with its reason (only the head of the queue sets a timer)."""
     settings = runtime.settings
-    now = utcnow()
     with runtime.session() as session:
-        # The row is read under the lock: a claim another worker committed meanwhile is seen.
+        # The row is read, and the time taken, under the lock: a claim another worker
+        # committed meanwhile is seen, and a rate turn is not dated before the wait.
         capacity.lock_provider(session, accounts[0].provider)
+        now = utcnow()
         job = session.get(Job, job_id)
         if job is None or not jobs.claimable(job, now):
             return None
