@@ -131,7 +131,8 @@ def pg_url(pg_server_url: str, configure: Configure) -> str:
     """The session's PostgreSQL database, emptied, made the current one."""
     engine = create_engine(pg_server_url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE jobs, job_events, job_inputs, api_tokens CASCADE"))
+        tables = "jobs, job_events, job_inputs, api_tokens, account_states"
+        conn.execute(text(f"TRUNCATE {tables} CASCADE"))
     engine.dispose()
     configure(database_url=pg_server_url)
     return pg_server_url

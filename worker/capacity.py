@@ -49,6 +49,8 @@ from worker.models import AccountState, Job
 from worker.states import JobStatus
 
 IN_FLIGHT = (JobStatus.SUBMITTED.value, JobStatus.PROCESSING.value)
+# The most waiting jobs one admission wakes (each admitted one wakes more).
+MAX_WAKE = 8
 # What PiAPI counts as an "incorrect task": the provider failed or refused the job.
 UPSTREAM_FAILURES = (ErrorCode.UPSTREAM_FAILED.value, ErrorCode.UPSTREAM_REJECTED.value)
 
@@ -81,6 +83,7 @@ class Decision:
     fail: bool = False  # a budget is exhausted and the policy is to fail at once
     ahead: int = 0  # jobs of the provider before this one in the queue
     room: bool = False  # waits only for earlier jobs, though an account has room now
+    spare: int = 0  # admitted, and this many more could be now: wake as many
 
     @property
     def admitted(self) -> bool:
@@ -121,7 +124,7 @@ def admit(
     states = _states(session, provider)
     usage = usage_by_account(session, provider, now)
     blocks: list[_Block] = []
-    open_accounts: list[tuple[Account, float]] = []
+    open_accounts: list[tuple[Account, float, int]] = []
     for account in accounts:
         block = _blocked(
             account,
@@ -145,23 +148,33 @@ def admit(
                 )
             )
             continue
-        open_accounts.append((account, free))
+        open_accounts.append((account, free, in_flight))
     ahead = _ahead(session, job, now)
     if not open_accounts:
         if budget_policy == "fail" and blocks and all(b.budget for b in blocks):
             return Decision(reason=blocks[0].reason, fail=True, ahead=ahead)
         timed = [b.until for b in blocks if b.until is not None]
         return Decision(reason=_reason(blocks), until=min(timed) if timed else None, ahead=ahead)
-    free_total = sum(free for _, free in open_accounts)
+    free_total = sum(free for _, free, _ in open_accounts)
     if ahead >= free_total:
         return Decision(
             reason=f"waiting for a slot: {ahead} earlier jobs of {provider} go first",
             ahead=ahead,
             room=True,
         )
-    account = max(open_accounts, key=lambda pair: pair[1])[0]
+    # The most free slots; among unlimited accounts, the fewest in flight.
+    account = max(open_accounts, key=lambda entry: (entry[1], -entry[2]))[0]
     _take_turns(session, account, states.get(account.name), now, job.id)
-    return Decision(account=account, ahead=ahead)
+    # More jobs that could be admitted right now: slots free on accounts whose next
+    # turn is not spaced out by a rate (those would only wake to wait again).
+    unpaced = sum(free for entry, free, _ in open_accounts if not _paced(entry))
+    spare = max(0.0, unpaced - ahead - 1) if not _paced(account) else 0.0
+    return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)))
+
+
+def _paced(account: Account) -> bool:
+    limits = account.limits
+    return limits.creates_per_minute is not None or limits.requests_per_minute is not None
 
 
 def _reason(blocks: list[_Block]) -> str:
@@ -194,7 +207,7 @@ def _blocked(
                     f"({state.failures} failures in a row)",
                     state.opened_until,
                 )
-            probe_until = state.updated_at + timedelta(seconds=breaker_cooldown)
+            probe_until = state.opened_until + timedelta(seconds=breaker_cooldown)
             if state.probe_job_id not in (None, job_id) and probe_until > now:
                 # One probe at a time; a probe that never reported (its worker died)
                 # gives way to another after a cool-down.
@@ -348,7 +361,10 @@ def _take_turns(
             start = max(turn, now) if isinstance(turn, datetime) else now
             values[column] = start + timedelta(seconds=60.0 / per_minute)
     if state is not None and state.opened_until is not None and state.opened_until <= now:
+        # Half open: this job is the probe. The cool-down is counted again from now,
+        # so a probe that never reports gives way to another one cool-down later.
         values["probe_job_id"] = job_id
+        values["opened_until"] = now
     _upsert(session, account, values)
 
 

@@ -252,7 +252,9 @@ def _admit(
             claim = claim_for_submit(
                 job_id, runtime, mark_create=True, account=decision.account, session=session
             )
-            head = capacity.waiting_head(session, job.provider, 1, now) if claim else []
+            # The next in line, and as many more as there is room for now.
+            count = 1 + decision.spare
+            head = capacity.waiting_head(session, job.provider, count, now) if claim else []
     # Committed: the next in line may be admitted now, by another worker (never this
     # job itself: it would only wake itself again).
     head = [waiting for waiting in head if waiting != job_id]

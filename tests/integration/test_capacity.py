@@ -206,6 +206,26 @@ def test_with_two_accounts_the_job_goes_where_most_slots_are_free() -> None:
     )
 
 
+def test_accounts_without_slot_limits_share_by_fewest_in_flight() -> None:
+    a, b = account("a", daily_jobs=1000), account("b", daily_jobs=1000)
+    add_job("submitted", account="a")
+    job = add_job(created=T0)
+    assert admit(job, [a, b], T0).account == b
+    add_job("submitted", account="b")
+    add_job("submitted", account="b")
+    assert admit(job, [a, b], T0).account == a
+
+
+def test_an_admission_says_how_many_more_may_go_now() -> None:
+    slots = account("main", max_in_flight=5)
+    add_job("submitted", account="main")
+    job = add_job(created=T0)
+    # 4 free: this job takes one, 3 more may go (the caller wakes them).
+    assert admit(job, [slots], T0).spare == 3
+    paced = account("main", max_in_flight=5, creates_per_minute=60)
+    assert admit(job, [paced], T0 + timedelta(hours=1)).spare == 0
+
+
 # --------------------------------------------------------------------------- pause, breaker
 
 
