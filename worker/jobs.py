@@ -524,9 +524,13 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
-def set_waiting(session: Session, job_id: uuid.UUID, reason: str, now: datetime) -> bool:
+def set_waiting(
+    session: Session, job_id: uuid.UUID, reason: str, now: datetime, *, announce: bool = True
+) -> bool:
     """The queued job waits for capacity (worker/capacity.py) for ``reason``: one event
-    when the reason changes, none when it is the same (retries do not repeat it)."""
+    when the reason changes, none when it is the same (retries do not repeat it).
+    ``announce`` False: the reason's text is kept, without an event (the caller knows
+    it is the same kind of wait, e.g. for a slot, in other words)."""
     changed = session.execute(  # type: ignore[attr-defined]
         update(JOBS)
         .where(
@@ -536,7 +540,7 @@ def set_waiting(session: Session, job_id: uuid.UUID, reason: str, now: datetime)
         )
         .values(waiting_reason=reason[:255], updated_at=now)
     ).rowcount
-    if changed:
+    if changed and announce:
         event = _event_row(
             now, Source.SUBMIT, EventKind.INFO, JobStatus.QUEUED, JobStatus.QUEUED, reason
         )

@@ -37,7 +37,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker import capacity, jobs, metrics
+from worker import capacity, job_stats, jobs, metrics
 from worker.accounts import DEFAULT_ACCOUNT, Account
 from worker.backoff import Backoff
 from worker.db import is_unavailable
@@ -239,7 +239,11 @@ def _admit(
         head: list[uuid.UUID]
         if decision.account is None:
             assert decision.reason is not None
-            jobs.set_waiting(session, job_id, decision.reason, now)
+            # One event per kind of wait: "3/3 in flight" and "earlier jobs go first"
+            # alternate near the head of a queue, and are both a wait for a slot.
+            kind = job_stats.wait_reason_kind(decision.reason)
+            announce = not waited or job_stats.wait_reason_kind(job.waiting_reason) != kind
+            jobs.set_waiting(session, job_id, decision.reason, now, announce=announce)
             timer = None
             if decision.until is not None and decision.ahead == 0:
                 timer = max(0.05, (decision.until - now).total_seconds())
