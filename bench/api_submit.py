@@ -55,8 +55,6 @@ import os
 import queue as queue_mod
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,9 +64,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import IO
 
 from _db import create_database, drop_database, nullpool_engine
+from _gunicorn import GunicornServer, http_status, probe_healthz
 from celery import Celery
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -84,7 +82,6 @@ BENCH_DIR = REPO / "bench"
 HOST = "127.0.0.1"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379"
-READY_TIMEOUT = 30.0
 # Above this share of the machine busy before the bench, say that the numbers are noisy.
 NOISY_SHARE = 0.10
 PROMPT = "a lighthouse at dusk, oil painting"
@@ -420,100 +417,28 @@ def run_load(
 # --------------------------------------------------------------------------- gunicorn
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class GunicornServer:
+def serve(
+    name: str,
+    app_spec: str,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    probe: Callable[[int], bool],
+) -> GunicornServer:
     """One app under `variflow serve`'s gunicorn settings (the same for both apps)."""
-
-    def __init__(
-        self,
-        name: str,
-        app_spec: str,
-        args: argparse.Namespace,
-        env: dict[str, str],
-        probe: Callable[[int], bool],
-    ) -> None:
-        self.name = name
-        self.port = free_port()
-        self._probe = probe
-        self.command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--config",
-            "python:webhooks.gunicorn_conf",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            str(args.workers),
-            "--threads",
-            str(args.threads),
-            "--bind",
-            f"{HOST}:{self.port}",
-            "--log-level",
-            "warning",
-            "--pythonpath",
-            str(BENCH_DIR),  # for api_submit:bare_app; nothing else is found there
-            app_spec,
-        ]
-        self._env = {**os.environ, **env}
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, cwd=REPO, env=self._env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name}: gunicorn exited:\n{self.log()}")
-            if self._probe(self.port):
-                return
-            time.sleep(0.05)  # poll interval, not a guess at start-up time
-        raise RuntimeError(f"{self.name}: not ready after {READY_TIMEOUT:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: gunicorn's graceful shutdown
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-
-def _status(port: int, method: str, path: str, body: bytes | None = None) -> int:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-
-
-def probe_healthz(port: int) -> bool:
-    # 200 only once the app is imported and the database answers.
-    return _status(port, "GET", "/healthz") == 200
+    return GunicornServer(
+        name,
+        app_spec,
+        workers=args.workers,
+        threads=args.threads,
+        env=env,
+        probe=probe,
+        config="python:webhooks.gunicorn_conf",
+        pythonpath=BENCH_DIR,  # for api_submit:bare_app; nothing else is found there
+    )
 
 
 def probe_bare(port: int) -> bool:
-    return _status(port, "POST", "/v1/jobs", b"{}") == 201
+    return http_status(port, "POST", "/v1/jobs", b"{}") == 201
 
 
 # --------------------------------------------------------------------------- running
@@ -711,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
             "VARIFLOW_PIAPI_API_KEY": "bench-key",  # configured; never called (no worker)
             "VARIFLOW_WEB_THREADS": str(args.threads),  # what the app knows of its threads
         }
-        real_server = GunicornServer("variflow /v1", "webhooks.wsgi:app", args, env, probe_healthz)
+        real_server = serve("variflow /v1", "webhooks.wsgi:app", args, env, probe_healthz)
         servers.append(real_server)
         real = bench_app(real_server, token, args, None)
         real_log = real_server.log()
@@ -720,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         published = delete_queue(broker)
         queue_deleted = True
 
-        bare_server = GunicornServer("bare Flask", "api_submit:bare_app", args, env, probe_bare)
+        bare_server = serve("bare Flask", "api_submit:bare_app", args, env, probe_bare)
         servers.append(bare_server)
         bare = bench_app(bare_server, token, args, real.rate)
         bare_log = bare_server.log()

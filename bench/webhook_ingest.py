@@ -37,25 +37,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import importlib.util
 import json
 import math
 import os
 import re
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from _db import create_database, drop_database, nullpool_engine
+from _gunicorn import GunicornServer, http_status, probe_healthz
 from _load import Delivery, LoadReport, run_load
 from celery import Celery
 from sqlalchemy import Engine, event, func, insert, select, text, update
@@ -70,7 +67,6 @@ BENCH_DIR = REPO / "bench"
 HOST = "127.0.0.1"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379"
-READY_TIMEOUT = 30.0
 P99_GOAL_MS = 25.0
 RATIO_GOAL = 0.5
 # Above this share of the machine used by others, say that the numbers are noisy.
@@ -614,13 +610,6 @@ def machine_background(seconds: float = 1.0) -> CpuUse:
 # --------------------------------------------------------------------------- gunicorn
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def real_app_spec() -> str:
     # Prefer a module-level WSGI object if the project grows one; else gunicorn's factory call.
     if importlib.util.find_spec("webhooks.wsgi") is not None:
@@ -628,97 +617,8 @@ def real_app_spec() -> str:
     return "webhooks:create_app()"
 
 
-class GunicornServer:
-    def __init__(
-        self,
-        name: str,
-        app_spec: str,
-        args: argparse.Namespace,
-        env: dict[str, str],
-        probe: Callable[[int], bool],
-        pythonpath: Path | None = None,
-    ) -> None:
-        self.name = name
-        self.port = free_port()
-        self._probe = probe
-        self.command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--worker-class",
-            "gthread",
-            "--workers",
-            str(args.workers),
-            "--threads",
-            str(args.threads),
-            "--bind",
-            f"{HOST}:{self.port}",
-            "--log-level",
-            "warning",
-        ]
-        if pythonpath is not None:
-            self.command += ["--pythonpath", str(pythonpath)]
-        self.command.append(app_spec)
-        self._env = {**os.environ, **env}
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, cwd=REPO, env=self._env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name}: gunicorn exited with {self.process.returncode}:\n{self.log()}"
-                )
-            if self._probe(self.port):
-                return
-            time.sleep(0.05)  # poll interval, not a guess at start-up time
-        raise RuntimeError(f"{self.name}: not ready after {READY_TIMEOUT:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: gunicorn's graceful shutdown
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-
-def _request(port: int, method: str, path: str, body: bytes | None = None) -> int:
-    conn = http.client.HTTPConnection(HOST, port, timeout=2)
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        return response.status
-    except OSError:
-        return 0
-    finally:
-        conn.close()
-
-
-def probe_healthz(port: int) -> bool:
-    # /healthz answers 200 only once the app is imported and the database answers.
-    return _request(port, "GET", "/healthz") == 200
-
-
 def probe_route(port: int) -> bool:
-    return _request(port, "POST", f"/webhooks/piapi/{uuid.uuid4()}", b"{}") == 200
+    return http_status(port, "POST", f"/webhooks/piapi/{uuid.uuid4()}", b"{}") == 200
 
 
 # --------------------------------------------------------------------------- running
@@ -965,7 +865,14 @@ def main(argv: list[str] | None = None) -> int:
             "VARIFLOW_LOG_LEVEL": "WARNING",
             **broker_env,
         }
-        real_server = GunicornServer("variflow webhooks", real_app_spec(), args, env, probe_healthz)
+        real_server = GunicornServer(
+            "variflow webhooks",
+            real_app_spec(),
+            workers=args.workers,
+            threads=args.threads,
+            env=env,
+            probe=probe_healthz,
+        )
         servers.append(real_server)
         real = bench_app(
             real_server,
@@ -987,7 +894,13 @@ def main(argv: list[str] | None = None) -> int:
         queue_deleted = True
 
         bare_server = GunicornServer(
-            "bare Flask", "bare_app:app", args, env, probe_route, pythonpath=BENCH_DIR
+            "bare Flask",
+            "bare_app:app",
+            workers=args.workers,
+            threads=args.threads,
+            env=env,
+            probe=probe_route,
+            pythonpath=BENCH_DIR,
         )
         servers.append(bare_server)
         bare = bench_app(bare_server, workload, warmup, args)

@@ -16,9 +16,7 @@ capacity sits above job_stats in the layers (pyproject.toml).
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,7 +28,7 @@ from webhooks.context import runtime
 from worker import capacity, metrics
 from worker.accounts import Account
 from worker.capacity import AccountStatus
-from worker.job_stats import STATS_TTL, WAIT_REASONS, JobStatsCollector, query_waiting
+from worker.job_stats import WAIT_REASONS, JobStatsCollector, ScrapeCache, query_waiting
 from worker.models import utcnow
 from worker.runtime import Runtime
 from worker.states import EventKind, EventRecord
@@ -115,35 +113,17 @@ def query_capacity(rt: Runtime) -> CapacityStats:
     return CapacityStats(rt.settings.provider_names, tuple(statuses), waiting)
 
 
-class CapacityCache:
-    """The last CapacityStats of this process, reused for ``ttl`` seconds (as the job
-    stats are: several scrapers, or gunicorn threads, run the queries once)."""
+class CapacityCache(ScrapeCache[CapacityStats]):
+    """The last CapacityStats of this process (per database and accounts)."""
 
-    def __init__(self, ttl: float = STATS_TTL, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl = ttl
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._entry: tuple[Hashable, float, CapacityStats] | None = None
-
-    def get(self, rt: Runtime) -> CapacityStats:
+    def stats(self, rt: Runtime) -> CapacityStats:
         # The same database and the same accounts: a reloaded configuration is not stale.
         key = (
             rt.db.engine.url.render_as_string(hide_password=False),
             all_accounts(rt),
             rt.settings.breaker_threshold,
         )
-        with self._lock:
-            now = self.clock()
-            entry = self._entry
-            if entry is not None and entry[0] == key and now < entry[1]:
-                return entry[2]
-            stats = query_capacity(rt)
-            self._entry = (key, now + self.ttl, stats)
-            return stats
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entry = None
+        return self.get(key, lambda: query_capacity(rt))
 
 
 capacity_cache = CapacityCache()
@@ -162,7 +142,7 @@ class CapacityCollector:
 
     def collect(self) -> Iterable[Metric]:
         try:
-            stats = self.cache.get(self.rt)
+            stats = self.cache.stats(self.rt)
         except SQLAlchemyError as exc:
             # As for the job stats: the other metrics are still served; these go missing.
             log.warning("metrics: capacity unavailable (%s)", type(exc).__name__)

@@ -34,6 +34,7 @@ from worker.errors import IdempotencyConflict, InvalidInput, JobNotFound
 from worker.images import ImageInput, resolve_image
 from worker.models import Job, JobEvent, JobInput, utcnow
 from worker.outbound import OutboundRefused, UnresolvableHost, check_url
+from worker.results import stored_name
 from worker.runtime import Runtime
 from worker.states import JobStatus
 from worker.tokens import check_name
@@ -564,19 +565,10 @@ def result_source(
     rt = runtime or _runtime()
     if job.status is not JobStatus.COMPLETED or not 0 <= n < len(job.result_urls):
         raise JobNotFound(f"{job_id}/results/{n}")
-    stored = _stored_name(rt, job.id, job.archived_urls[n] if n < len(job.archived_urls) else None)
+    archived = job.archived_urls[n] if n < len(job.archived_urls) else None
+    stored = stored_name(rt.settings, job.id, archived)
     upstream = job.result_urls[n]
-    return ResultSource(job.id, stored or _stored_name(rt, job.id, upstream), upstream)
-
-
-def _stored_name(rt: Runtime, job_id: uuid.UUID, url: str | None) -> str | None:
-    """The file name of a URL under this deployment's /results/<job>/ (inline results
-    and archived copies, worker/results.py), else None."""
-    own_prefix = f"{rt.settings.public_base}/results/{job_id}/"
-    if not url or not url.startswith(own_prefix):
-        return None
-    name = url[len(own_prefix) :]
-    return name if name and "/" not in name and not name.startswith(".") else None
+    return ResultSource(job.id, stored or stored_name(rt.settings, job.id, upstream), upstream)
 
 
 def wait(

@@ -31,7 +31,7 @@ from worker.errors import UpstreamError, VariflowError
 from worker.models import Job, utcnow
 from worker.outbound import Outbound, OutboundRefused, Resolver, describe
 from worker.providers.base import PollTarget
-from worker.results import job_folder
+from worker.results import job_folder, stored_url
 from worker.runtime import Runtime
 from worker.states import JobStatus, Source, leaves_task_running
 
@@ -65,7 +65,7 @@ def archive_results(
     """Copy a completed job's result images into the result store; provider URLs expire."""
     folder = job_folder(settings, job.id)
     urls, errors = [], []
-    own_prefix = f"{settings.public_base}/results/{job.id}/"
+    own_prefix = stored_url(settings, job.id, "")
     for n, url in enumerate(job.result_urls or [], 1):
         if url.startswith(own_prefix):  # inline results are stored already
             urls.append(url)
@@ -75,7 +75,7 @@ def archive_results(
         except (httpx.HTTPError, ValueError) as exc:
             errors.append(f"{url}: {exc}")
             continue
-        urls.append(f"{settings.public_base}/results/{job.id}/{name}")
+        urls.append(stored_url(settings, job.id, name))
     return Archived(urls, errors)
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from sqlalchemy import Engine, case, func, literal, select, union_all
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Per process: a scrape within this many seconds of the last query reuses it.
 STATS_TTL = 5.0
@@ -118,29 +119,38 @@ def query_waiting(session: Session) -> dict[tuple[str, str], int]:
     return {(str(provider), str(kind)): int(count) for provider, kind, count in rows}
 
 
-class JobStatsCache:
-    """The last JobStats of this process (per database), reused for ``ttl`` seconds."""
+class ScrapeCache(Generic[T]):
+    """The last value computed for a key, reused for ``ttl`` seconds: several scrapers
+    (or gunicorn threads) at once wait for one computation instead of each running it.
+    A value for another key (another database) is computed again."""
 
     def __init__(self, ttl: float = STATS_TTL, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
         self.clock = clock
         self._lock = threading.Lock()
-        self._entry: tuple[str, float, JobStats] | None = None
+        self._entry: tuple[Hashable, float, T] | None = None
 
-    def get(self, engine: Engine) -> JobStats:
-        key = engine.url.render_as_string(hide_password=False)
-        with self._lock:  # concurrent scrapes wait for one query instead of each running it
+    def get(self, key: Hashable, compute: Callable[[], T]) -> T:
+        with self._lock:
             now = self.clock()
             entry = self._entry
             if entry is not None and entry[0] == key and now < entry[1]:
                 return entry[2]
-            stats = query_job_stats(engine)
-            self._entry = (key, now + self.ttl, stats)
-            return stats
+            value = compute()
+            self._entry = (key, now + self.ttl, value)
+            return value
 
     def clear(self) -> None:
         with self._lock:
             self._entry = None
+
+
+class JobStatsCache(ScrapeCache[JobStats]):
+    """The last JobStats of this process (per database)."""
+
+    def stats(self, engine: Engine) -> JobStats:
+        key = engine.url.render_as_string(hide_password=False)
+        return self.get(key, lambda: query_job_stats(engine))
 
 
 job_stats_cache = JobStatsCache()
@@ -158,7 +168,7 @@ class JobStatsCollector:
 
     def collect(self) -> Iterable[Metric]:
         try:
-            stats = self.cache.get(self.engine)
+            stats = self.cache.stats(self.engine)
         except SQLAlchemyError as exc:
             # The file-based metrics are still worth serving; these series go
             # missing, which absent() alerts see.

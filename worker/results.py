@@ -14,6 +14,21 @@ def job_folder(settings: Settings, job_id: uuid.UUID) -> Path:
     return settings.results_folder / str(job_id)
 
 
+def stored_url(settings: Settings, job_id: uuid.UUID, name: str) -> str:
+    """Where the web app serves the job's stored image ``name``."""
+    return f"{settings.public_base}/results/{job_id}/{name}"
+
+
+def stored_name(settings: Settings, job_id: uuid.UUID, url: str | None) -> str | None:
+    """The file name of one of the job's stored images from its URL (inline results,
+    archived copies), or None for any other URL (a provider's)."""
+    prefix = stored_url(settings, job_id, "")
+    if not url or not url.startswith(prefix):
+        return None
+    name = url[len(prefix) :]
+    return name if name and "/" not in name and not name.startswith(".") else None
+
+
 def store_inline(settings: Settings, job_id: uuid.UUID, state: UpstreamState) -> UpstreamState:
     """A state whose inline images are stored and listed among its image URLs."""
     if not state.images:
@@ -34,5 +49,5 @@ def store_inline_images(
         tmp = folder / f".{name}.tmp"
         tmp.write_bytes(content)
         tmp.replace(folder / name)  # readers never see half a file
-        urls.append(f"{settings.public_base}/results/{job_id}/{name}")
+        urls.append(stored_url(settings, job_id, name))
     return tuple(urls)

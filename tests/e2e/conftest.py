@@ -3,6 +3,7 @@ app under gunicorn and a Celery worker as real subprocesses, over real HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import io
 import os
@@ -96,12 +97,9 @@ def running_stack(
             yield RunningStack(sandbox, stack, web_url, backend)
 
 
-@pytest.fixture
-def image_url() -> Iterator[str]:
-    """A square PNG served over HTTP on loopback: an input image given by URL."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (128, 128), (30, 160, 90)).save(buffer, format="PNG")
-    png = buffer.getvalue()
+@contextlib.contextmanager
+def serving_png(png: bytes) -> Iterator[str]:
+    """``png`` served over HTTP on loopback while the block runs: its URL."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -117,6 +115,17 @@ def image_url() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/input.png"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/input.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def image_url() -> Iterator[str]:
+    """A square PNG served over HTTP on loopback: an input image given by URL."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 160, 90)).save(buffer, format="PNG")
+    with serving_png(buffer.getvalue()) as url:
+        yield url

@@ -11,7 +11,6 @@ all created when the module's first test asks for them, so their runs overlap.
 from __future__ import annotations
 
 import base64
-import http.server
 import io
 import json
 import os
@@ -35,6 +34,7 @@ from sqlalchemy.orm import Session
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.conftest import Configure
+from tests.e2e.conftest import serving_png
 from worker import tokens
 from worker.cli import cli
 from worker.devstack import Stack, free_port, sandbox_env
@@ -86,25 +86,8 @@ class Api:
 def input_image_url() -> Iterator[str]:
     """A square PNG served over HTTP on loopback (as tests/e2e/conftest.py's image_url,
     for the module): the input image given by URL."""
-    png = square_png(128, (30, 160, 90))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/input.png"
-    server.shutdown()
-    server.server_close()
+    with serving_png(square_png(128, (30, 160, 90))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

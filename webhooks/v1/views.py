@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import json
 import os
 import threading
@@ -28,6 +29,7 @@ from webhooks.v1.waiting import WEB_FREE_THREADS, Watcher
 from worker import api as jobs_api
 from worker.api import JobInfo, ResultSource
 from worker.errors import IdempotencyConflict, InvalidInput, JobNotFound
+from worker.results import stored_name
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 api = Api(bp)
@@ -40,19 +42,12 @@ IDEMPOTENCY_KEY = Param(
     "The same key and request return the first job (200); another request is a 409.",
     required=False,
 )
-# Keywords of worker.api.submit_or_replay: never provider fields, so never taken from input.
+# The keywords of worker.api.submit_or_replay (and its provider): never provider fields,
+# so never taken from ``input`` (a hostile {"tenant": ...} must not reach them).
 RESERVED_INPUT = frozenset(
-    {
-        "image",
-        "idempotency_key",
-        "deadline",
-        "notify_url",
-        "on_complete_task",
-        "tenant",
-        "metadata",
-        "runtime",
-        "provider",
-    }
+    name
+    for name, parameter in inspect.signature(jobs_api.submit_or_replay).parameters.items()
+    if parameter.kind is not inspect.Parameter.VAR_KEYWORD
 )
 BAD_REQUEST = ("The request is wrong; `field` names what (nothing was stored)", Problem)
 UNAUTHENTICATED = ("No token, or an unknown or revoked one", Problem)
@@ -374,12 +369,13 @@ def _found(read: Any) -> Any:
 
 
 def _job(job: JobInfo) -> dict[str, Any]:
-    own = f"{runtime().settings.public_base}/results/"
+    settings = runtime().settings
     results = [
         {
             "index": n,
             "url": f"{bp.url_prefix}/jobs/{job.id}/results/{n}",
-            "provider_url": None if url.startswith(own) else url,
+            # A URL of our own /results/ is a stored image, not the provider's.
+            "provider_url": url if stored_name(settings, job.id, url) is None else None,
         }
         for n, url in enumerate(job.result_urls)
     ]
