@@ -142,6 +142,7 @@ def test_an_image_is_taken_as_base64_or_as_a_file_part(client: FlaskClient, toke
         ({"input": {**PIAPI, "index": "9"}}, "input.index"),
         ({"input": {**PIAPI, "tenant": "other"}}, "input.tenant"),
         ({"input": {**PIAPI, "runtime": 1}}, "input.runtime"),
+        ({"input": {**PIAPI, "priority": 1}}, "input.priority"),
         ({"input": "a cat"}, "input"),
         ({"extra": 1}, "extra"),
         ({"deadline": -5}, "deadline"),
