@@ -172,6 +172,41 @@ def admit(
     return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)))
 
 
+def room_now(
+    session: Session,
+    accounts: Sequence[Account],
+    now: datetime,
+    *,
+    breaker_threshold: int = 5,
+    breaker_cooldown: float = 60.0,
+) -> int:
+    """How many waiting jobs of the provider could be admitted now (at most MAX_WAKE):
+    the free slots of its accounts that nothing else blocks, one for an account whose
+    next turn is spaced out by a rate (its job then waits for the turn on a timer).
+
+    Read without the admission lock: an estimate for waking, never for admitting. A
+    wake that counts "free slots now" rather than "one per ended job" heals itself:
+    a wake lost (a woken job claimed by another path, a message dropped) is made good
+    by the next job's end, instead of leaving a slot idle until the sweep."""
+    if not accounts:
+        return 0
+    provider = accounts[0].provider
+    states = _states(session, provider)
+    usage = usage_by_account(session, provider, now)
+    room = 0
+    for account in accounts:
+        held = usage.get(account.name, Usage())
+        state = states.get(account.name)
+        if _blocked(
+            account, state, held, now, uuid.UUID(int=0), breaker_threshold, breaker_cooldown
+        ):
+            continue
+        limit = account.limits.max_in_flight
+        free = MAX_WAKE if limit is None else max(0, limit - held.in_flight)
+        room += min(free, 1) if _paced(account) else free
+    return min(room, MAX_WAKE)
+
+
 def _paced(account: Account) -> bool:
     limits = account.limits
     return limits.creates_per_minute is not None or limits.requests_per_minute is not None

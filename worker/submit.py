@@ -192,10 +192,21 @@ def submit(
         return _attempt(claim, runtime)
 
 
-def waiting_head(provider: str, count: int, runtime: Runtime) -> list[uuid.UUID]:
-    """The first ``count`` jobs waiting in the provider's queue (to wake them)."""
+def waiting_head(provider: str, runtime: Runtime) -> list[uuid.UUID]:
+    """The waiting jobs of the provider's queue to wake now: as many as its accounts
+    have room for (capacity.room_now), first in line first."""
+    settings = runtime.settings
+    accounts = runtime.providers.accounts(provider)
     with runtime.autocommit() as session:
-        return capacity.waiting_head(session, provider, count, utcnow())
+        now = utcnow()
+        room = capacity.room_now(
+            session,
+            accounts,
+            now,
+            breaker_threshold=settings.breaker_threshold,
+            breaker_cooldown=settings.breaker_cooldown,
+        )
+        return capacity.waiting_head(session, provider, room, now) if room else []
 
 
 def _provider_of(job_id: uuid.UUID, runtime: Runtime) -> str:

@@ -109,8 +109,9 @@ def sweep_jobs() -> dict[str, int]:
 
 @app.task(name=queue.WAKE_WAITING, **RETRY_WHILE_DB_DOWN)
 def wake_waiting(provider: str, count: int = 1) -> int:
-    """A job of a provider with capacity limits ended: the next in its queue may go."""
-    woken = waiting_head(provider, count, worker_runtime())
+    """A job of a provider with capacity limits ended: the next in its queue may go, and
+    as many more as its accounts have room for now (``count``: older messages' hint)."""
+    woken = waiting_head(provider, worker_runtime())
     for job_id in woken:
         queue.send_submit(job_id, provider)
     return len(woken)

@@ -444,6 +444,30 @@ def test_the_queue_head_is_the_first_job_waiting_for_capacity() -> None:
     assert head == [urgent, first]
 
 
+def room_now(accounts: list[Account], now: datetime) -> int:
+    with session_scope() as session:
+        return capacity.room_now(session, accounts, now)
+
+
+def test_a_wake_counts_every_free_slot_not_one_per_ended_job() -> None:
+    a, b = account("a", max_in_flight=3), account("b", max_in_flight=3)
+    add_many(2, "submitted", account="a")
+    assert room_now([a, b], T0) == 4  # 1 free on a, 3 on b: a lost wake is made good
+    claim(add_job(), T0 + timedelta(seconds=30), account="b")
+    assert room_now([a, b], T0) == 3  # a live claim holds its slot
+    with session_scope() as session:
+        capacity.pause(session, b, T0 + timedelta(seconds=10), "rate limited (429)", T0)
+    assert room_now([a, b], T0) == 1  # a paused account has no room until it resumes
+    assert room_now([a, b], T0 + timedelta(seconds=10)) == 3
+
+
+def test_a_paced_account_wakes_one_job_and_an_unlimited_one_a_bounded_batch() -> None:
+    paced = account("main", "lemondata", max_in_flight=5, requests_per_minute=120)
+    assert room_now([paced], T0) == 1  # the rest would only wake to wait for their turn
+    assert room_now([account("main", daily_jobs=1000)], T0) == capacity.MAX_WAKE
+    assert room_now([], T0) == 0
+
+
 def test_usage_is_counted_per_account_from_rows_alone() -> None:
     add_job("submitted", account="a")
     add_job("processing", account="b")
