@@ -39,6 +39,7 @@ from worker.hooks import Consumer
 from worker.logs import bind, configure_logging, unbind
 from worker.runtime import Runtime
 from worker.status import TerminalJob
+from worker.submit import waiting_head
 
 log = logging.getLogger(__name__)
 
@@ -203,15 +204,22 @@ def finalize_after_commit(job: TerminalJob) -> None:
 
 
 def wake_after_end(job: TerminalJob) -> None:
-    """A consumer of "a job ended": its slot is free, so the next job waiting for the
-    provider's capacity may go (only for providers with limits; the sweep also wakes)."""
+    """A consumer of "a job ended": its slot is free, so the jobs waiting for the
+    provider's capacity that now have room go (only for providers with limits; the
+    sweep also wakes). The queue head is read here and its submits sent at once, in
+    whichever process saw the end (a webhook in web, a poll in a worker): a
+    ``wake_waiting`` message between the two would add a queue hop to every slot's
+    refill."""
     rt = runtime.installed()
     if rt is None or not capacity.limited(rt.providers.accounts(job.provider)):
         return
     try:
-        app.send_task(WAKE_WAITING, args=(job.provider,))
-    except Exception as exc:
+        woken = waiting_head(job.provider, rt)
+    except Exception as exc:  # the end is committed: the sweep wakes the queue later
         log.warning("could not wake %s's queue (%s); the sweep will", job.provider, exc)
+        return
+    for job_id in woken:
+        send_submit(job_id, job.provider)
 
 
 # The consumers of "a job ended" in every variflow process: finalize, wake, metrics.

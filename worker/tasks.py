@@ -109,8 +109,9 @@ def sweep_jobs() -> dict[str, int]:
 
 @app.task(name=queue.WAKE_WAITING, **RETRY_WHILE_DB_DOWN)
 def wake_waiting(provider: str, count: int = 1) -> int:
-    """A job of a provider with capacity limits ended: the next in its queue may go, and
-    as many more as its accounts have room for now (``count``: older messages' hint)."""
+    """Wake the jobs waiting for a provider's capacity that have room now. A job's end
+    does this in the process that saw it (celery_app.wake_after_end); the task stays for
+    messages an earlier version sent (``count``, their hint, is no longer needed)."""
     woken = waiting_head(provider, worker_runtime())
     for job_id in woken:
         queue.send_submit(job_id, provider)
