@@ -21,7 +21,8 @@ The two runs, each on a deployment of its own (a fresh database, queue and sandb
 one Celery worker of 4 processes, beat):
 
 - ``capacity on``: variflow knows the limits: an accounts file with PiAPI accounts ``a``
-  and ``b`` (``max_in_flight = 3`` each), VARIFLOW_PICLAZA_MAX_IN_FLIGHT=5,
+  and ``b`` (``max_in_flight = 3`` each, and ``max_staged = 1``: one more job per key
+  waits upstream, staged, to start the moment a slot frees), VARIFLOW_PICLAZA_MAX_IN_FLIGHT=5,
   VARIFLOW_LEMONDATA_REQUESTS_PER_MINUTE=120;
 - ``capacity off``: the same accounts file without any limit, nothing else. (With two
   accounts and no limits, admission still chooses the account: see the per-key lines.)
@@ -102,6 +103,9 @@ PENDING, PROCESSING = 0.05, 0.15
 TASK_SECONDS = PENDING + PROCESSING
 KEYS = {"a": "bench-piapi-key-a", "b": "bench-piapi-key-b"}
 PIAPI_SLOTS_PER_KEY, PICLAZA_SLOTS, LEMONDATA_PER_MINUTE = 3, 5, 120
+# PiAPI holds a task created beyond a key's slots as "staged" and starts it when a slot
+# frees: one staged job per key means a slot's next job is already upstream.
+PIAPI_STAGED_PER_KEY = 1
 SLOTS = {"piapi": PIAPI_SLOTS_PER_KEY * len(KEYS), "piclaza": PICLAZA_SLOTS}
 SANDBOX = {
     "VARIFLOW_SANDBOX_API_KEYS": ",".join([SANDBOX_KEY, *KEYS.values()]),
@@ -144,7 +148,11 @@ class MeasurementError(RuntimeError):
 
 
 def accounts_toml(limited: bool) -> str:
-    slots = f"max_in_flight = {PIAPI_SLOTS_PER_KEY}\n" if limited else ""
+    slots = (
+        f"max_in_flight = {PIAPI_SLOTS_PER_KEY}\nmax_staged = {PIAPI_STAGED_PER_KEY}\n"
+        if limited
+        else ""
+    )
     return "".join(
         f'[piapi.{name}]\napi_key_env = "BENCH_PIAPI_KEY_{name.upper()}"\n{slots}\n'
         for name in KEYS

@@ -6,9 +6,9 @@ Paid providers sell capacity per account, not per call: a Midjourney plan runs
 :class:`Limits`; a provider has one or more. They come from the environment:
 
 - one account per provider, ``main``: ``VARIFLOW_<P>_API_KEY`` with the limits
-  ``VARIFLOW_<P>_MAX_IN_FLIGHT``, ``_CREATES_PER_MINUTE``, ``_REQUESTS_PER_MINUTE``,
-  ``_DAILY_JOBS``, ``_DAILY_FAILED``, ``_PRICE_PER_JOB``, ``_PRICE_PER_IMAGE``,
-  ``_DAILY_SPEND_CAP`` (unset: no limit);
+  ``VARIFLOW_<P>_MAX_IN_FLIGHT``, ``_MAX_STAGED``, ``_CREATES_PER_MINUTE``,
+  ``_REQUESTS_PER_MINUTE``, ``_DAILY_JOBS``, ``_DAILY_FAILED``, ``_PRICE_PER_JOB``,
+  ``_PRICE_PER_IMAGE``, ``_DAILY_SPEND_CAP`` (unset: no limit);
 - or several, in the TOML file named by ``VARIFLOW_ACCOUNTS_FILE``: a table per
   account, ``[piapi.main]``, with ``api_key_env`` (the *name* of the variable
   holding its key: keys never sit in files) and the same limits. A provider
@@ -48,6 +48,10 @@ class Limits:
     """What one account may do; None is no limit."""
 
     max_in_flight: int | None = None  # jobs submitted and not yet terminal
+    # Beyond max_in_flight, jobs the provider holds in its own queue and starts as its
+    # slots free (PiAPI's "staged"): a slot's next job is already upstream when it
+    # frees, with no round trip through variflow. Only for providers that queue.
+    max_staged: int | None = None
     creates_per_minute: int | None = None
     requests_per_minute: int | None = None  # every call: create, poll, cancel
     daily_jobs: int | None = None  # creates per UTC day
@@ -97,9 +101,11 @@ def limits_from(values: Mapping[str, Any], where: str) -> Limits:
             raise ConfigError(f"{where}.{name}: a number, got {value!r}")
         if not money and not isinstance(value, int):
             raise ConfigError(f"{where}.{name}: a whole number, got {value!r}")
-        if value < (0 if money or name == "daily_failed" else 1):
+        if value < (0 if money or name in ("daily_failed", "max_staged") else 1):
             raise ConfigError(f"{where}.{name}: must be positive, got {value!r}")
         kwargs[name] = value
+    if kwargs.get("max_staged") and "max_in_flight" not in kwargs:
+        raise ConfigError(f"{where}.max_staged: needs max_in_flight (staged beyond the slots)")
     return Limits(**kwargs)
 
 

@@ -138,15 +138,11 @@ def admit(
         if block is not None:
             blocks.append(block)
             continue
-        limit = account.limits.max_in_flight
+        limit = held_at_most(account.limits)
         in_flight = usage.get(account.name, Usage()).in_flight
         free = float("inf") if limit is None else float(limit - in_flight)
         if free <= 0:
-            blocks.append(
-                _Block(
-                    f"waiting for a slot: {in_flight}/{limit} in flight on {account.label}", None
-                )
-            )
+            blocks.append(_Block(f"waiting for a slot: {_slots(account, in_flight)}", None))
             continue
         open_accounts.append((account, free, in_flight))
     ahead = _ahead(session, job, now)
@@ -201,10 +197,23 @@ def room_now(
             account, state, held, now, uuid.UUID(int=0), breaker_threshold, breaker_cooldown
         ):
             continue
-        limit = account.limits.max_in_flight
+        limit = held_at_most(account.limits)
         free = MAX_WAKE if limit is None else max(0, limit - held.in_flight)
         room += min(free, 1) if _paced(account) else free
     return min(room, MAX_WAKE)
+
+
+def held_at_most(limits: Limits) -> int | None:
+    """How many jobs an account may hold: its slots, and those its provider stages."""
+    if limits.max_in_flight is None:
+        return None
+    return limits.max_in_flight + (limits.max_staged or 0)
+
+
+def _slots(account: Account, in_flight: int) -> str:
+    limits = account.limits
+    staged = f" (+{limits.max_staged} staged upstream)" if limits.max_staged else ""
+    return f"{in_flight}/{limits.max_in_flight}{staged} in flight on {account.label}"
 
 
 def _paced(account: Account) -> bool:

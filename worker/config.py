@@ -328,6 +328,14 @@ def _accounts_of(settings: Settings) -> dict[str, tuple[Account, ...]]:
         accounts.update(
             read_accounts_file(settings.accounts_file, os.environ, settings.provider_names)
         )
+    adapters = registered()
+    for provider, declared in accounts.items():
+        for account in declared:
+            if account.limits.max_staged and not adapters[provider].queues_over_capacity:
+                raise ConfigError(
+                    f"{account.label}: max_staged is for providers that queue tasks beyond "
+                    f"their slots; {provider} refuses them"
+                )
     return accounts
 
 

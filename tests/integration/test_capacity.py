@@ -133,6 +133,19 @@ def test_a_full_account_makes_the_next_job_wait_for_a_slot_with_the_counts() -> 
     assert usage(T0)["main"].in_flight == 3
 
 
+def test_staged_jobs_go_beyond_the_slots_up_to_the_providers_own_queue() -> None:
+    staging = account(max_in_flight=3, max_staged=1)
+    add_many(3, "processing")
+    fourth, fifth = add_job(created=T0), add_job(created=T0 + timedelta(seconds=1))
+    assert admit(fourth, staging, T0).admitted  # held upstream, started as a slot frees
+    claim(fourth, T0 + timedelta(seconds=30), account="main")
+    waiting = admit(fifth, staging, T0)
+    assert waiting.reason == (
+        "waiting for a slot: 4/3 (+1 staged upstream) in flight on piapi/main"
+    )
+    assert room_now([staging], T0) == 0
+
+
 def test_an_expired_claim_frees_its_slot_unless_its_create_may_have_been_sent() -> None:
     """A worker killed holding a claim leaks nothing: slots are counted from rows, and a
     lapsed claim of a job whose create was never sent holds none. One whose create may

@@ -207,3 +207,26 @@ def test_importing_does_not_read_settings(tmp_path: Path) -> None:
     assert "CONFIG-ERROR" in done.stdout, done.stdout + done.stderr
     assert "VARIFLOW_PUBLIC_URL" in done.stdout
     assert not home.exists()  # importing created nothing either
+
+
+# --- provider capacity: staged jobs --------------------------------------------------
+
+
+def test_max_staged_is_for_providers_that_queue_beyond_their_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VARIFLOW_PIAPI_MAX_IN_FLIGHT", "3")
+    monkeypatch.setenv("VARIFLOW_PIAPI_MAX_STAGED", "1")
+    (piapi,) = load_settings().accounts("piapi")
+    assert (piapi.limits.max_in_flight, piapi.limits.max_staged) == (3, 1)
+
+    monkeypatch.setenv("VARIFLOW_PICLAZA_MAX_IN_FLIGHT", "5")
+    monkeypatch.setenv("VARIFLOW_PICLAZA_MAX_STAGED", "1")
+    with pytest.raises(ConfigError, match=r"piclaza/main: max_staged .* piclaza refuses them"):
+        load_settings()
+
+
+def test_max_staged_needs_slots_to_stage_beyond(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VARIFLOW_PIAPI_MAX_STAGED", "2")
+    with pytest.raises(ConfigError, match=r"piapi\.max_staged: needs max_in_flight"):
+        load_settings()

@@ -53,6 +53,7 @@ class EchoProvider:
     supports_webhook: ClassVar[bool] = False
     webhook_secret_header: ClassVar[str | None] = None
     can_cancel: ClassVar[bool] = False
+    queues_over_capacity: ClassVar[bool] = False
     needs_image_bytes: ClassVar[bool] = False
 
     def __init__(self, client: httpx.Client, base_url: str, api_key: str | None, batch: int):

@@ -100,6 +100,7 @@ class ProviderSettings(BaseSettings):
     base_url: AnyHttpUrl
     # The capacity of the account of api_key (worker/accounts.py); unset: no limit.
     max_in_flight: int | None = Field(default=None, ge=1)
+    max_staged: int | None = Field(default=None, ge=0)  # only where queues_over_capacity
     creates_per_minute: int | None = Field(default=None, ge=1)
     requests_per_minute: int | None = Field(default=None, ge=1)
     daily_jobs: int | None = Field(default=None, ge=1)
@@ -133,6 +134,9 @@ class Provider(Protocol):
     # The header a webhook carries its shared secret in (webhook providers only).
     webhook_secret_header: ClassVar[str | None]
     can_cancel: ClassVar[bool]
+    # The provider holds tasks created beyond an account's slots and starts them as
+    # slots free (PiAPI's "staged"), rather than refusing them: max_staged may be set.
+    queues_over_capacity: ClassVar[bool]
     # The provider takes an image file: a URL input must be fetched by the worker.
     needs_image_bytes: ClassVar[bool]
     # Jobs one poll request can carry (1 = one request per job).

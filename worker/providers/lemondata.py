@@ -60,6 +60,7 @@ class LemonDataProvider:
     supports_webhook: ClassVar[bool] = False
     webhook_secret_header: ClassVar[str | None] = None
     can_cancel: ClassVar[bool] = False
+    queues_over_capacity: ClassVar[bool] = False
     needs_image_bytes: ClassVar[bool] = True
 
     def __init__(

@@ -76,6 +76,7 @@ class PiAPIProvider:
     supports_webhook: ClassVar[bool] = True
     webhook_secret_header: ClassVar[str | None] = "x-webhook-secret"  # noqa: S105
     can_cancel: ClassVar[bool] = True
+    queues_over_capacity: ClassVar[bool] = True
     needs_image_bytes: ClassVar[bool] = False
 
     def __init__(

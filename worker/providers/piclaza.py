@@ -68,6 +68,7 @@ class PiclazaProvider:
     supports_webhook: ClassVar[bool] = False
     webhook_secret_header: ClassVar[str | None] = None
     can_cancel: ClassVar[bool] = False
+    queues_over_capacity: ClassVar[bool] = False
     needs_image_bytes: ClassVar[bool] = False
 
     def __init__(
