@@ -16,7 +16,7 @@ import functools
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
@@ -156,6 +156,12 @@ class PollPlan:
             ),
             webhook_grace,
         )
+
+    def steady(self) -> PollPlan:
+        """Polls at the first interval, never backing off: while jobs wait for a
+        provider's slots, a slot frees only when its job's end is polled, so a
+        backed-off poll would leave a paid slot idle for most of a backoff step."""
+        return replace(self, backoff=replace(self.backoff, factor=1.0))
 
     def next_at(
         self, reason: PollReason, now: datetime, attempts: int = 0, retry_after: float | None = None

@@ -93,6 +93,8 @@ class _Leases:
 def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime) -> None:
     """Poll leased jobs and apply the answers; a provider batch is one request."""
     plan = plan_for(runtime.providers.get(provider_name), runtime)
+    if _slots_awaited(provider_name, runtime):
+        plan = plan.steady()
     with runtime.session() as session:
         rows = jobs.poll_targets(session, job_ids)
     # Each job is polled with the key of the account it was created with.
@@ -105,6 +107,16 @@ def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime
             adapter = runtime.providers.for_account(provider_name, account)
             limits = _account(runtime, provider_name, account)
             _poll(adapter, targets, plan, runtime, leases, limits)
+
+
+def _slots_awaited(provider: str, runtime: Runtime) -> bool:
+    """Whether jobs wait for the slots of a provider whose accounts have slot limits
+    (then its in-flight jobs are polled without backing off)."""
+    accounts = runtime.providers.accounts(provider)
+    if all(account.limits.max_in_flight is None for account in accounts):
+        return False
+    with runtime.autocommit() as session:
+        return bool(capacity.waiting_head(session, provider, 1, utcnow()))
 
 
 def _poll(

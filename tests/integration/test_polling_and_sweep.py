@@ -5,6 +5,7 @@ claims and overdue jobs."""
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.conftest import Configure, runtime_of
 from tests.integration.test_submit_guarantees import PIAPI, at_once, expire_claim, wait_until
-from worker.api import get_job, submit_variation
+from worker.api import cancel_job, get_job, submit_variation
 from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
 from worker.polling import lease_due, poll_jobs, push_back_provider
@@ -184,3 +185,35 @@ def test_a_timed_out_job_is_cancelled_upstream_until_finalize_finishes(
     assert [t.cancelled for t in sandbox.state.tasks()] == [True]
     assert any("cancelled upstream" in (e.message or "") for e in get_job(job.id).events)
     assert job.id not in sweep(runtime_of(configure(lost_message_grace=0))).refinalize
+
+
+def test_jobs_waiting_for_slots_keep_the_polls_of_the_slot_holders_steady(
+    pg_url: str, redis_url: str, sandbox: SandboxServer, png: bytes, configure: Configure
+) -> None:
+    """A polled provider's slot frees only when its job's end is polled: while jobs wait
+    for the slot, polls do not back off (a backed-off poll would leave it idle)."""
+    settings = configure(
+        piclaza_max_in_flight=1, poll_backoff_start=1, poll_backoff_factor=4, poll_backoff_cap=600
+    )
+    sandbox.state.update_config(processing_seconds=600)
+    holder, waiting = _submitted_piclaza_jobs(2, png)
+    assert get_job(waiting).waiting_reason == "waiting for a slot: 1/1 in flight on piclaza/main"
+
+    def poll_after(attempts: int) -> float:
+        """Seconds until the holder's next poll, after a poll that found no change."""
+        with session_scope() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == uuid.UUID(holder))
+                .values(poll_attempts=attempts, next_poll_at=utcnow() - timedelta(seconds=1))
+            )
+        for batch in lease_due(runtime_of(settings)):
+            poll_jobs(batch.provider, batch.job_ids, runtime_of(settings))
+        with session_scope() as session:
+            job = session.get(Job, uuid.UUID(holder))
+            assert job is not None and job.next_poll_at is not None
+            return (job.next_poll_at - utcnow()).total_seconds()
+
+    assert poll_after(4) <= 1  # the first interval, however long the job has run
+    cancel_job(waiting)
+    assert poll_after(4) > 100  # nobody waits: back off as usual (1 x 4**5, capped)
