@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,8 @@ from sqlalchemy import select
 from tests.conftest import REQUIRE_SERVICES, Configure
 from tests.e2e.conftest import RunningStack
 from worker.api import cancel_job, get_job, submit_variation
-from worker.models import Job
+from worker.devstack import Stack, free_port
+from worker.models import Job, utcnow
 from worker.runtime import session_scope
 
 try:
@@ -267,3 +271,103 @@ def test_an_operator_cancels_a_running_job_and_retries_it(
         what="the retried job to run",
     )
     assert retried.params == get_job(slow.id).params
+
+
+# --- the overview's charts ---------------------------------------------------------------
+
+# Each drawn bar's and dot's size on the page, as the browser laid it out.
+DRAWN_SIZES = """
+return Array.from(document.querySelectorAll(arguments[0])).map(function (e) {
+  var box = e.getBoundingClientRect();
+  return [e.getAttribute("data-series") || "", box.width, box.height];
+});
+"""
+FILL = "return getComputedStyle(document.querySelector(arguments[0])).fill;"
+
+
+@pytest.fixture
+def web_only(
+    chromium: None, dashboard_credentials: tuple[str, str], pg_url: str, tmp_path: Path
+) -> Iterator[str]:
+    """Only the web app (gunicorn) on PostgreSQL: the overview reads rows, nothing runs jobs."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
+    port = free_port()
+    with Stack(env, tmp_path / "logs") as stack:
+        yield stack.start_web(port, workers=1)
+
+
+def seed_recent_jobs() -> None:
+    """Jobs of the last hour as the flows leave them: ended every way, and one running."""
+    now = utcnow()
+    rows = []
+    for minutes, status, took, code in [
+        (50, "completed", 12.0, None),
+        (50, "completed", 30.0, None),
+        (40, "completed", 8.0, None),
+        (40, "failed", 3.0, "upstream_failed"),
+        (30, "completed", 95.0, None),
+        (30, "failed", 60.0, "timeout"),
+        (30, "failed", 2.0, "upstream_failed"),
+        (20, "cancelled", 15.0, None),
+        (10, "completed", 20.0, None),
+        (1, "processing", None, None),
+    ]:
+        created = now - timedelta(minutes=minutes)
+        ended = created + timedelta(seconds=took) if took is not None else None
+        rows.append(
+            Job(
+                id=uuid.uuid4(),
+                provider="piclaza" if minutes == 30 else "piapi",
+                status=status,
+                params={"prompt": "a heron"},
+                deadline=created + timedelta(hours=1),
+                created_at=created,
+                updated_at=ended or created,
+                completed_at=ended,
+                error_code=code,
+                progress=100 if status == "completed" else 0,
+            )
+        )
+    with session_scope() as session:
+        session.add_all(rows)
+
+
+def test_the_overview_draws_its_charts_in_a_browser(web_only: str, browser: WebDriver) -> None:
+    seed_recent_jobs()
+    log_in(browser, web_only)
+    browser.find_element(By.ID, "overview-link").click()
+    WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/dashboard/overview"))
+
+    # The stacked bars: drawn with a size, in every series, each in its colour.
+    bars = browser.execute_script(DRAWN_SIZES, "#jobs-chart rect.bar")
+    assert {series for series, _, _ in bars} == {"completed", "failed", "cancelled", "in_flight"}
+    assert all(width > 0 and height > 0 for _, width, height in bars), bars
+    assert browser.execute_script(FILL, "#jobs-chart rect.s-completed") == "rgb(45, 164, 78)"
+    assert browser.execute_script(FILL, "#jobs-chart rect.s-failed") == "rgb(207, 34, 46)"
+    legend = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#jobs-chart .legend li")]
+    assert legend == ["completed", "failed", "cancelled", "in flight"]
+    labels = browser.find_elements(By.CSS_SELECTOR, "#jobs-chart .axis text")
+    assert any(":" in label.text for label in labels)  # times on the x axis
+
+    # p50 and p95 lines, a dot for each minute with a completed job.
+    dots = browser.execute_script(DRAWN_SIZES, "#durations-chart circle")
+    assert len(dots) == 2 * 4 and all(w > 0 and h > 0 for _, w, h in dots)
+    assert text_of(browser, '[data-total="p50"] .n') == "20 s"  # of 8, 12, 20, 30, 95
+
+    codes = browser.find_elements(By.CSS_SELECTOR, "#errors-chart [data-code]")
+    assert [(c.get_attribute("data-code"), c.get_attribute("data-count")) for c in codes] == [
+        ("upstream_failed", "2"),
+        ("timeout", "1"),
+    ]
+    path = screenshot(browser, "dashboard-overview.png")
+    assert path.stat().st_size > 10_000
+
+    # The day, one provider, through the page's own form.
+    browser.find_element(By.CSS_SELECTOR, '#window option[value="day"]').click()
+    browser.find_element(By.CSS_SELECTOR, '#provider option[value="piclaza"]').click()
+    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    WebDriverWait(browser, 10).until(lambda d: "window=day" in d.current_url)
+    assert "provider=piclaza" in browser.current_url
+    assert text_of(browser, '[data-total="all"] .n') == "3"
+    assert "Jobs per 15 minutes" in text_of(browser, "#jobs-chart h2")
+    screenshot(browser, "dashboard-overview-day.png")

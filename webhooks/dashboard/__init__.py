@@ -4,6 +4,11 @@
                                         50 a page (?page=), filtered by ?status= and
                                         ?provider=; ?q= searches (below); while a job
                                         shown is in flight the list refreshes itself
+    GET  /dashboard/overview            charts of the last hour (?window=day: day) of jobs,
+                                        all providers' or one's (?provider=): jobs per
+                                        minute by how they ended, p50/p95 time to
+                                        completion, failed jobs' error codes (overview.py
+                                        queries, charts.py draws as inline SVG)
     GET  /dashboard/accounts            every provider account: slots in use, today's
                                         jobs, failed tasks and spend against its limits,
                                         pause and breaker; the jobs waiting for capacity
