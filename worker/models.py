@@ -259,3 +259,29 @@ class ApiToken(Base):
 
     def __repr__(self) -> str:
         return f"<ApiToken {self.name} tenant={self.tenant}{' admin' if self.admin else ''}>"
+
+
+class BeatLease(Base):
+    """Which beat leads (worker/beat.py): one row per lease, held by one beat until
+    ``expires_at`` and renewed by it every third of its time to live."""
+
+    __tablename__ = "beat_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    renewed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class BeatEntry(Base):
+    """The last period a scheduled entry was sent for (worker/beat.py): a send is
+    claimed by moving ``last_period`` forward, so no period is sent twice."""
+
+    __tablename__ = "beat_entries"
+
+    entry: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # The start of the period (a multiple of the entry's interval since the epoch).
+    last_period: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str] = mapped_column(String(255))
