@@ -1,5 +1,10 @@
 """``GET /metrics`` (Prometheus text format) and the count of webhook deliveries.
 
+The web app serves the samples of its own scope on this host (worker/metrics.py:
+its gunicorn workers') and the gauges read from the database, which only it
+serves: a Celery worker serves its own samples on its own port, never these
+gauges, so that a fleet of workers does not multiply them.
+
 Each delivery to the receiver blueprint is counted once, after its response
 is made (so 413s raised while reading the body are counted too), with an
 outcome from :func:`webhook_outcome`. The receiver notes what the transition

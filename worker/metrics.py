@@ -1,19 +1,37 @@
-"""Prometheus metrics: the counters variflow keeps, shared by every process through one folder.
+"""Prometheus metrics: the counters variflow keeps, kept on each host and served by it.
 
 Celery runs prefork children and gunicorn several workers, so each process
-writes its samples to its own files in a shared folder (prometheus-client's
-multiprocess mode) and the web app's ``GET /metrics`` adds them up. The folder
-is set by each process's entry point with :func:`configure` (from
-``VARIFLOW_METRICS_DIR``, default ``$VARIFLOW_HOME/metrics``); every process of
-one deployment must see the same folder. Until then, recording is a no-op.
+writes its samples to its own files in a folder (prometheus-client's
+multiprocess mode) and a scrape adds up the files of one *scope*: the processes
+one main process started. The scopes of a host are subfolders of
+``VARIFLOW_METRICS_DIR`` (default ``$VARIFLOW_HOME/metrics``), a folder no other
+host needs to see:
 
-prometheus-client picks its storage when ``prometheus_client.values`` is
-imported, from ``PROMETHEUS_MULTIPROC_DIR``, so nothing here touches the
-library until the first sample: :func:`get_metrics` then sets the variable,
-imports the library and installs its own storage in the folder — even if
-something imported the library earlier, or for another folder (tests switch
-folders per test) — with files named by host and pid, as containers sharing
-the folder reuse pids.
+- ``web/``: gunicorn's master and its workers; the web app's ``GET /metrics``
+  serves them (webhooks/metrics.py), with the gauges read from the database.
+  Any process that is not a Celery worker (the CLI, an application using
+  worker.api) records here too, so the web app on its host counts it.
+- ``worker/<node name>/``: one Celery worker (``celery@host`` by default) and
+  its pool children; the worker's main process serves them on
+  ``VARIFLOW_WORKER_METRICS_PORT`` (:func:`serve`), never the database gauges,
+  so that a fleet of workers does not multiply them.
+
+So a web app and a worker on one box never count each other's samples. A main
+process empties its scope's folder when it starts (:func:`start_scope`): a
+restarted web app or worker starts its counters from zero, which Prometheus
+reads as a counter reset (``rate()`` and ``increase()`` handle it), and files of
+processes from earlier runs are never summed again. While it runs, the counters
+of its children that exited stay in the sums (counters never go backwards);
+their live gauges are dropped (:func:`mark_process_dead`).
+
+Each process's entry point calls :func:`configure` with the base folder; until
+then, recording is a no-op. prometheus-client picks its storage when
+``prometheus_client.values`` is imported, from ``PROMETHEUS_MULTIPROC_DIR``, so
+nothing here touches the library until the first sample: :func:`get_metrics`
+then sets the variable, imports the library and installs its own storage in the
+scope's folder — even if something imported the library earlier, or for
+another folder (tests switch folders per test) — with files named by host and
+pid, in case the folder is a volume that containers with their own pids share.
 
 What is counted here, at the moment it happens: webhook deliveries (the web
 app), upstream HTTP calls (``providers/base.py: send``), jobs reaching a
@@ -95,16 +113,51 @@ class Metrics:
     capacity_wait: Histogram
 
 
+# The scope of the web app's processes, and of every process that is not a Celery worker.
+WEB_SCOPE = "web"
+
 _lock = threading.Lock()
+_scope = WEB_SCOPE  # this process's: set by its main process, inherited by forked children
 _target: Target | None = None
 _current: Metrics | None = None
 _bound_folder: Path | None = None  # the folder prometheus-client's storage writes to
+_servers: list[Any] = []  # the HTTP servers of this process's samples (serve)
+_fork_hook = False  # _forget_servers_in_child is registered
 
 
 def configure(folder: Path, providers: Iterable[str]) -> None:
-    """Send this process's samples to ``folder`` (called by each entry point)."""
+    """Send this process's samples to its scope's subfolder of ``folder`` (the base
+    folder, VARIFLOW_METRICS_DIR; called by each entry point)."""
     global _target
-    _target = Target(folder.resolve(), frozenset(providers))
+    _target = Target(folder.resolve() / _scope, frozenset(providers))
+
+
+def worker_scope(node_name: str) -> str:
+    """The scope of one Celery worker and its pool: ``worker/<node name>``.
+
+    Celery wants node names unique on a host (``-n worker2@%h``), so two workers
+    sharing a VARIFLOW_HOME never empty or sum each other's files.
+    """
+    safe = re.sub(r"[^A-Za-z0-9@._-]", "-", node_name).strip(".")
+    return f"worker/{safe or 'celery'}"
+
+
+def start_scope(folder: Path, scope: str, providers: Iterable[str]) -> Path:
+    """A main process starts (gunicorn's master, a Celery worker's main process): it and
+    the children it forks record in ``folder/scope``, emptied of the files of earlier
+    runs (dead pids must not be summed forever). Returns the scope's folder."""
+    global _scope
+    with _lock:
+        _scope = scope
+        configure(folder, providers)
+        assert _target is not None
+        path = _target.folder
+        if _bound_folder == path:
+            _unbind()  # its files are about to go: reopen them on the next sample
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("*.db"):
+            stale.unlink(missing_ok=True)
+    return path
 
 
 def _prepare_folder(target: Target) -> Path:
@@ -220,17 +273,26 @@ def get_metrics() -> Metrics:
         return _current
 
 
-def reset_metrics() -> None:
-    """Forget the metric objects and the storage binding, keeping the folder (tests)."""
+def _unbind() -> None:
+    # Back to the library's in-memory values; the next sample binds the storage again.
     global _current, _bound_folder
-    with _lock:
-        _current = None
-        if _bound_folder is not None:
-            from prometheus_client import values
+    _current = None
+    if _bound_folder is not None:
+        from prometheus_client import values
 
-            _close_files(values.ValueClass)
-            values.ValueClass = values.MutexValue
-            _bound_folder = None
+        _close_files(values.ValueClass)
+        values.ValueClass = values.MutexValue
+        _bound_folder = None
+
+
+def reset_metrics() -> None:
+    """Forget the metric objects, the storage binding, the scope and the servers,
+    keeping the folder (tests)."""
+    global _scope
+    stop_serving()
+    with _lock:
+        _unbind()
+        _scope = WEB_SCOPE
         os.environ.pop(MULTIPROC_ENV, None)
 
 
@@ -326,6 +388,50 @@ def render_latest(collectors: Iterable[Any] = ()) -> bytes:
     from prometheus_client import generate_latest
 
     return generate_latest(build_registry(collectors))
+
+
+# -- a worker's own endpoint ----------------------------------------------------
+
+
+def serve(host: str, port: int) -> tuple[str, int]:
+    """Serve the samples of this process's scope over HTTP on a daemon thread (a Celery
+    worker's main process, before it forks its pool); returns the bound address.
+
+    prometheus-client's own server: it answers every path (``/metrics`` is the one
+    documented) and logs no request. Raises OSError when it cannot listen (a port in
+    use, an address not of this host).
+    """
+    global _fork_hook
+    from prometheus_client import start_http_server
+
+    registry = build_registry()
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    with _lock:
+        if not _fork_hook:
+            os.register_at_fork(after_in_child=_forget_servers_in_child)
+            _fork_hook = True
+        _servers.append(server)
+    address = server.server_address
+    return str(address[0]), int(address[1])
+
+
+def _forget_servers_in_child() -> None:
+    # A forked pool process must not keep its parent's listening socket open: after the
+    # parent died, an orphan child finishing its task would keep the port from a new
+    # worker. The child runs no server thread; closing its copy leaves the parent's.
+    for server in _servers:
+        server.socket.close()
+    _servers.clear()
+
+
+def stop_serving() -> None:
+    """Stop this process's servers (tests; a worker's daemon thread ends with it)."""
+    with _lock:
+        servers = list(_servers)
+        _servers.clear()
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 # -- process exits ------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Metrics from several processes add up in one scrape: independent processes (gunicorn
-workers, Celery workers), forked children of a process that already counted (Celery
-prefork), and a real multi-worker gunicorn with webhooks/gunicorn_conf.py."""
+"""Metrics from several processes of one scope add up in one scrape: independent
+processes, forked children of a process that already counted (Celery prefork), and a real
+multi-worker gunicorn with webhooks/gunicorn_conf.py, which starts its scope empty.
+(A Celery worker's own scope and endpoint: test_worker_metrics.py.)"""
 
 from __future__ import annotations
 
@@ -87,9 +88,10 @@ def child_env(**extra: str) -> dict[str, str]:
 def test_independent_processes_add_up(
     sqlite_url: str, tmp_path: Path, configure: Configure
 ) -> None:
-    folder = tmp_path / "shared-metrics"
-    configure(metrics_dir=folder)
-    env = child_env(VARIFLOW_METRICS_DIR=str(folder), VARIFLOW_HOME=str(tmp_path / "home"))
+    base = tmp_path / "metrics"
+    folder = base / "web"  # processes that are not Celery workers: the web app's scope
+    configure(metrics_dir=base)
+    env = child_env(VARIFLOW_METRICS_DIR=str(base), VARIFLOW_HOME=str(tmp_path / "home"))
     children = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(n)],
@@ -138,11 +140,12 @@ OTHER_CONTAINER = textwrap.dedent(
 def test_processes_of_two_containers_with_one_pid_do_not_share_a_file(
     sqlite_url: str, tmp_path: Path, configure: Configure
 ) -> None:
-    """docker-compose: web and worker containers share the folder, not their pid spaces."""
-    folder = tmp_path / "shared-metrics"
-    configure(metrics_dir=folder)
+    """A folder on a volume that containers mount: they share it, not their pid spaces."""
+    base = tmp_path / "metrics"
+    folder = base / "web"
+    configure(metrics_dir=base)
     metrics.count_webhook("piapi", "accepted")
-    env = child_env(VARIFLOW_METRICS_DIR=str(folder), VARIFLOW_HOME=str(tmp_path / "home"))
+    env = child_env(VARIFLOW_METRICS_DIR=str(base), VARIFLOW_HOME=str(tmp_path / "home"))
     done = subprocess.run(
         [sys.executable, "-c", OTHER_CONTAINER, str(os.getpid())],
         env=env,
@@ -180,7 +183,7 @@ def test_forked_children_of_a_counting_parent_add_up(
         assert child.exitcode == 0
     child_pids = {results.get(timeout=10) for _ in children}
     assert {f"counter_{metrics.process_id(pid)}.db" for pid in child_pids} <= {
-        p.name for p in (tmp_path / "m").glob("counter_*.db")
+        p.name for p in (tmp_path / "m" / "web").glob("counter_*.db")
     }
     assert scrape_app()[ACCEPTED] == 1 + 2 + 4
 
@@ -206,13 +209,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
 
 
 def test_gunicorn_workers_add_up_and_survive_a_worker_exit(sqlite_url: str, tmp_path: Path) -> None:
-    """The serve command's gunicorn with --config python:webhooks.gunicorn_conf."""
+    """The serve command's gunicorn with --config python:webhooks.gunicorn_conf; its
+    master starts the web scope empty, so a dead pid of an earlier run is not summed."""
     port = free_port()
-    folder = tmp_path / "gunicorn-metrics"
+    base = tmp_path / "gunicorn-metrics"
+    folder = base / "web"
+    earlier_run = write_not_found_counter(folder, pid=999_999, value=7)
     env = child_env(
         VARIFLOW_HOME=str(tmp_path / "home"),
         VARIFLOW_DATABASE_URL=sqlite_url,
-        VARIFLOW_METRICS_DIR=str(folder),
+        VARIFLOW_METRICS_DIR=str(base),
     )
     server = subprocess.Popen(
         [
@@ -237,12 +243,12 @@ def test_gunicorn_workers_add_up_and_survive_a_worker_exit(sqlite_url: str, tmp_
         stderr=subprocess.PIPE,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{port}"
     try:
 
         def not_found() -> float:
             # A fresh connection each time: requests land on either worker.
-            text = httpx.get(f"{base}/metrics", timeout=5).text
+            text = httpx.get(f"{url}/metrics", timeout=5).text
             return scrape_text(text).get(
                 (
                     "variflow_webhook_deliveries_total",
@@ -251,9 +257,10 @@ def test_gunicorn_workers_add_up_and_survive_a_worker_exit(sqlite_url: str, tmp_
                 0.0,
             )
 
-        wait_until(lambda: httpx.get(f"{base}/healthz", timeout=5).status_code == 200)
+        wait_until(lambda: httpx.get(f"{url}/healthz", timeout=5).status_code == 200)
+        assert not earlier_run.exists()
         for _ in range(20):
-            answer = httpx.post(f"{base}/webhooks/piapi/not-a-uuid", json={}, timeout=5)
+            answer = httpx.post(f"{url}/webhooks/piapi/not-a-uuid", json={}, timeout=5)
             assert answer.status_code == 404
         writers = {p.name for p in folder.glob("counter_*.db")}
         assert writers
@@ -262,12 +269,12 @@ def test_gunicorn_workers_add_up_and_survive_a_worker_exit(sqlite_url: str, tmp_
         # A worker exits: the master replaces it (child_exit runs) and counts are kept.
         worker_pid = int(next(iter(writers)).removesuffix(".db").rsplit("-", 1)[1])
         live_gauges = write_live_gauge(folder, worker_pid)
-        assert scrape_text(httpx.get(f"{base}/metrics", timeout=5).text)[LIVE] == 1
+        assert scrape_text(httpx.get(f"{url}/metrics", timeout=5).text)[LIVE] == 1
         os.kill(worker_pid, signal.SIGTERM)
         wait_until(lambda: not_found() == 20 and _worker_replaced(server.pid, worker_pid))
         assert not live_gauges.exists()  # child_exit: mark_process_dead in the master
-        assert LIVE not in scrape_text(httpx.get(f"{base}/metrics", timeout=5).text)
-        httpx.post(f"{base}/webhooks/piapi/not-a-uuid", json={}, timeout=5)
+        assert LIVE not in scrape_text(httpx.get(f"{url}/metrics", timeout=5).text)
+        httpx.post(f"{url}/webhooks/piapi/not-a-uuid", json={}, timeout=5)
         assert wait_until(lambda: not_found() == 21)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -276,6 +283,20 @@ def test_gunicorn_workers_add_up_and_survive_a_worker_exit(sqlite_url: str, tmp_
 
 
 LIVE = ("variflow_test_live", frozenset[tuple[str, str]]())
+
+
+def write_not_found_counter(folder: Path, pid: int, value: float) -> Path:
+    """The counter file a web worker ``pid`` of an earlier run would leave behind."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    folder.mkdir(parents=True)
+    path = folder / f"counter_{metrics.process_id(pid)}.db"
+    name = "variflow_webhook_deliveries"
+    key = mmap_key(name, f"{name}_total", ["provider", "outcome"], ["piapi", "not_found"], "")
+    file = MmapedDict(str(path))
+    file.write_value(key, value, 0.0)
+    file.close()
+    return path
 
 
 def write_live_gauge(folder: Path, pid: int) -> Path:

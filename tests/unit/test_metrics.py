@@ -1,10 +1,12 @@
 """Metrics: outcome mapping, GET /metrics through the Flask test client, the job-stats
-collector, the terminal hook, send()'s upstream metrics and process-exit bookkeeping."""
+collector, the terminal hook, send()'s upstream metrics, the folder's scopes, a scope
+served over HTTP and process-exit bookkeeping."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,6 +25,7 @@ from webhooks import MAX_BODY_BYTES, create_app
 from webhooks.gunicorn_conf import child_exit
 from webhooks.metrics import capacity_cache, webhook_outcome
 from worker import job_stats, metrics
+from worker.config import ConfigError, Settings
 from worker.jobs import apply_update, lock_job
 from worker.models import Job, utcnow
 from worker.providers.base import TransientUpstreamError, send
@@ -384,7 +388,7 @@ def test_a_broken_metrics_folder_never_fails_the_call(
     assert "metrics: could not record an upstream request" in caplog.text
 
 
-# --- the folder and process exits --------------------------------------------------------
+# --- the folder, its scopes and process exits --------------------------------------------
 
 
 def test_samples_go_to_the_configured_folder_and_follow_the_settings(
@@ -393,21 +397,112 @@ def test_samples_go_to_the_configured_folder_and_follow_the_settings(
     first, second = tmp_path / "first", tmp_path / "second"
     configure(metrics_dir=first)
     metrics.count_webhook("piapi", "accepted")
-    assert os.environ[metrics.MULTIPROC_ENV] == str(first)
-    assert (first / f"counter_{metrics.process_id()}.db").exists()
+    assert os.environ[metrics.MULTIPROC_ENV] == str(first / "web")
+    assert (first / "web" / f"counter_{metrics.process_id()}.db").exists()
 
     configure(metrics_dir=second)  # e.g. the next test: nothing carries over
     metrics.count_webhook("piapi", "stale")
-    assert os.environ[metrics.MULTIPROC_ENV] == str(second)
+    assert os.environ[metrics.MULTIPROC_ENV] == str(second / "web")
     text = metrics.render_latest().decode()
     assert 'outcome="stale"' in text
     assert 'outcome="accepted"' not in text
 
 
-def test_default_folder_is_under_home(tmp_path: Path) -> None:
+def test_default_folder_is_the_web_scope_under_home(tmp_path: Path) -> None:
     metrics.count_webhook("piapi", "accepted")
-    assert metrics.get_metrics().folder == (tmp_path / "home" / "metrics").resolve()
-    assert list((tmp_path / "home" / "metrics").glob("counter_*.db"))
+    assert metrics.get_metrics().folder == (tmp_path / "home" / "metrics" / "web").resolve()
+    assert list((tmp_path / "home" / "metrics" / "web").glob("counter_*.db"))
+
+
+@pytest.mark.parametrize(
+    ("node", "scope"),
+    [
+        ("celery@host-1", "worker/celery@host-1"),
+        ("w2@a.example.com", "worker/w2@a.example.com"),
+        ("../../etc", "worker/-..-etc"),  # a node name never leaves the metrics folder
+        ("..", "worker/celery"),
+        ("", "worker/celery"),
+    ],
+)
+def test_worker_scope_is_a_subfolder_named_by_the_node(node: str, scope: str) -> None:
+    assert metrics.worker_scope(node) == scope
+
+
+def _counter_file(folder: Path, pid: int, name: str = "variflow_old") -> Path:
+    """A counter file a process ``pid`` of an earlier run left (value 5)."""
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"counter_{metrics.process_id(pid)}.db"
+    file = MmapedDict(str(path))
+    file.write_value(mmap_key(name, f"{name}_total", [], [], "old"), 5.0, 0.0)
+    file.close()
+    return path
+
+
+def test_a_main_process_starts_its_scope_empty_and_leaves_the_others(
+    tmp_path: Path, configure: Configure
+) -> None:
+    """A restarted worker: dead pids of its earlier run are not summed again."""
+    base = tmp_path / "m"
+    configure(metrics_dir=base)
+    scope = metrics.worker_scope("celery@h")
+    stale = _counter_file(base / scope, 4242)
+    other_worker = _counter_file(base / metrics.worker_scope("w2@h"), 4343)
+    web = _counter_file(base / "web", 4444)
+
+    folder = metrics.start_scope(base, scope, ["piapi"])
+    assert folder == (base / "worker" / "celery@h").resolve()
+    assert not stale.exists()
+    assert other_worker.exists() and web.exists()
+    metrics.count_webhook("piapi", "accepted")
+    assert (folder / f"counter_{metrics.process_id()}.db").exists()
+    text = metrics.render_latest().decode()
+    assert "variflow_old" not in text
+    assert 'variflow_webhook_deliveries_total{outcome="accepted",provider="piapi"} 1.0' in text
+
+    # Started again while this process had its files open: it records into new ones.
+    metrics.start_scope(base, scope, ["piapi"])
+    metrics.count_webhook("piapi", "accepted")
+    assert 'outcome="accepted",provider="piapi"} 1.0' in metrics.render_latest().decode()
+
+
+def test_a_served_scope_answers_its_own_samples_and_no_database_gauges(
+    client: FlaskClient, tmp_path: Path
+) -> None:
+    """What a worker's main process serves (worker/celery_app.py): its scope, over HTTP."""
+    insert_job(status="queued", upstream_task_id=None)
+    base = tmp_path / "m"
+    _counter_file(base / "web", 4444)  # the web app's samples on the same host
+    metrics.start_scope(base, metrics.worker_scope("celery@h"), ["piapi"])
+    metrics.observe_upstream("piapi", "create", "ok", 0.3)
+    host, port = metrics.serve("127.0.0.1", 0)
+    answer = httpx.get(f"http://{host}:{port}/metrics", timeout=5)
+    assert answer.status_code == 200
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+    requests = "variflow_upstream_requests_total"
+    assert value(samples, requests, provider="piapi", operation="create", outcome="ok") == 1
+    assert not [name for name, _ in samples if name.startswith(("variflow_jobs", "variflow_old"))]
+    assert not [name for name, _ in samples if name.startswith("variflow_account_")]
+
+
+def test_serving_on_a_port_in_use_fails(tmp_path: Path) -> None:
+    metrics.start_scope(tmp_path / "m", metrics.worker_scope("celery@h"), ["piapi"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            metrics.serve("127.0.0.1", taken.getsockname()[1])
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "nine"])
+def test_a_bad_worker_metrics_port_names_the_variable(configure: Configure, port: str) -> None:
+    with pytest.raises(ConfigError, match="VARIFLOW_WORKER_METRICS_PORT"):
+        configure(worker_metrics_port=port)
 
 
 def _live_gauge_file(folder: Path, pid: int) -> Path:
@@ -424,8 +519,8 @@ def _live_gauge_file(folder: Path, pid: int) -> Path:
 def test_gunicorn_child_exit_marks_the_worker_dead(tmp_path: Path, configure: Configure) -> None:
     configure(metrics_dir=tmp_path / "m")
     metrics.get_metrics()
-    dead = _live_gauge_file(tmp_path / "m", 4242)
-    alive = _live_gauge_file(tmp_path / "m", 4343)
+    dead = _live_gauge_file(tmp_path / "m" / "web", 4242)
+    alive = _live_gauge_file(tmp_path / "m" / "web", 4343)
     child_exit(None, SimpleNamespace(pid=4242))
     assert not dead.exists()
     assert alive.exists()
@@ -435,8 +530,8 @@ def test_celery_process_shutdown_marks_the_child_dead(tmp_path: Path, configure:
     from celery.signals import worker_process_shutdown
 
     configure(metrics_dir=tmp_path / "m")
-    metrics.get_metrics()
-    dead = _live_gauge_file(tmp_path / "m", 5151)
+    folder = metrics.start_scope(tmp_path / "m", metrics.worker_scope("celery@h"), ["piapi"])
+    dead = _live_gauge_file(folder, 5151)
     worker_process_shutdown.send(sender=None, pid=5151, exitcode=0)
     assert not dead.exists()
 
@@ -528,3 +623,23 @@ def test_database_trouble_drops_the_capacity_gauges_not_the_scrape(
     samples = scrape(app.test_client())
     assert value(samples, "variflow_webhook_deliveries_total", provider="piapi", outcome="accepted")
     assert not [name for name, _ in samples if name.startswith("variflow_account_")]
+
+
+# --- docs/prometheus.yml -----------------------------------------------------------------
+
+
+def test_the_prometheus_example_scrapes_the_web_app_and_every_worker_where_they_serve() -> None:
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "docs" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"variflow-web", "variflow-worker"}
+    worker_port = yaml.safe_load((root / "docker-compose.yml").read_text())["services"]["worker"][
+        "expose"
+    ]
+    for job in jobs.values():
+        assert job["metrics_path"] == "/metrics"
+    [web] = jobs["variflow-web"]["static_configs"][0]["targets"]
+    assert web.endswith(f":{Settings.model_fields['port'].default}")
+    workers = jobs["variflow-worker"]["static_configs"][0]["targets"]
+    assert len(workers) >= 2
+    assert all(target.rsplit(":", 1)[1] in worker_port for target in workers)
