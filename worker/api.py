@@ -549,8 +549,8 @@ def cancel_job(
 
 @dataclass(frozen=True)
 class ResultSource:
-    """Where result image ``n`` of a job is: a stored file (``name`` in the job's
-    results folder) or only the provider's URL."""
+    """Where result image ``n`` of a job is: a stored image (its ``name`` among the job's
+    images in the result store, worker/result_store.py) or only the provider's URL."""
 
     job_id: uuid.UUID
     name: str | None

@@ -3,9 +3,9 @@ then tell the application.
 
 Runs in the ``finalize_job`` task, sent after the terminal state commits (and
 re-sent by the sweep until ``finalized_at``). Each step records what it did as
-a job event and is safe to repeat: archived files are rewritten in place, and
-the notification carries a ``webhook-id`` that stays the same across retries
-so receivers can drop duplicates.
+a job event and is safe to repeat: archived images are written again under the
+same names (a file or an S3 object), and the notification carries a
+``webhook-id`` that stays the same across retries so receivers can drop duplicates.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +30,8 @@ from worker.errors import UpstreamError, VariflowError
 from worker.models import Job, utcnow
 from worker.outbound import Outbound, OutboundRefused, Resolver, describe
 from worker.providers.base import PollTarget
-from worker.results import job_folder, stored_url
+from worker.result_store import ResultStore, open_store
+from worker.results import stored_url
 from worker.runtime import Runtime
 from worker.states import JobStatus, Source, leaves_task_running
 
@@ -60,10 +60,21 @@ class Archived:
 
 
 def archive_results(
-    job: Job, settings: Settings, client: httpx.Client, *, resolver: Resolver | None = None
+    job: Job,
+    settings: Settings,
+    client: httpx.Client,
+    *,
+    resolver: Resolver | None = None,
+    store: ResultStore | None = None,
 ) -> Archived:
-    """Copy a completed job's result images into the result store; provider URLs expire."""
-    folder = job_folder(settings, job.id)
+    """Copy a completed job's result images into the result store; provider URLs expire.
+
+    ``store``: the process's (Runtime.results), else one opened from ``settings``.
+    Raises OSError (StoreUnavailable for S3) when the store cannot take them: the
+    finalize task fails and the sweep offers it again, rather than giving up on images
+    whose provider URLs will expire.
+    """
+    store = store or open_store(settings)
     urls, errors = [], []
     own_prefix = stored_url(settings, job.id, "")
     for n, url in enumerate(job.result_urls or [], 1):
@@ -71,22 +82,23 @@ def archive_results(
             urls.append(url)
             continue
         try:
-            name = _download(url, folder, n, settings, client, resolver)
+            name, data, kind = _download(url, n, settings, client, resolver)
         except (httpx.HTTPError, ValueError) as exc:
             errors.append(f"{url}: {exc}")
             continue
+        store.put(job.id, name, data, kind)  # the same name again when a task runs twice
         urls.append(stored_url(settings, job.id, name))
     return Archived(urls, errors)
 
 
 def _download(
     url: str,
-    folder: Path,
     n: int,
     settings: Settings,
     client: httpx.Client,
     resolver: Resolver | None = None,
-) -> str:
+) -> tuple[str, bytes, str]:
+    """Result image ``n``: its name in the store, its bytes and its content type."""
     # Through the guarded client: only the URL the provider returned (no redirect
     # to somewhere else), a public address unless allowed, within the size and time caps.
     # Raises OutboundRefused / ResponseTooLarge (ValueErrors) or an httpx error.
@@ -96,14 +108,10 @@ def _download(
         if reply.status_code != 200:
             raise ValueError(f"HTTP {reply.status_code}")
         kind = reply.headers.get("content-type", "").split(";")[0].strip()
-        extension = IMAGE_TYPES.get(kind, "png")
+        if kind not in IMAGE_TYPES:
+            kind = "image/png"
         data = reply.read()
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{n}.{extension}"
-    tmp = folder / f".{name}.tmp"
-    tmp.write_bytes(data)
-    tmp.replace(folder / name)
-    return name
+    return f"{n}.{IMAGE_TYPES[kind]}", data, kind
 
 
 def final_state(job: Job) -> dict[str, Any]:
@@ -198,7 +206,7 @@ def finalize(
     # sweep until it finishes, so a lost message cannot leave a paid task running.
     if retries == 0 and leaves_task_running(job.status, job.error_code, job.upstream_task_id):
         stop_upstream_task(job_id, runtime)
-    _archive(job, settings, runtime.http, db)
+    _archive(job, settings, runtime.http, db, runtime.results)
     _send_on_complete(job, settings, db, send_task)
     notified = _notify(job, settings, runtime.http, db)
     if notified is not None:
@@ -221,21 +229,33 @@ def finalize(
     return NOTIFY_BACKOFF.delay(retries)
 
 
-def archive(job_id: uuid.UUID, settings: Settings, client: httpx.Client, db: Database) -> None:
+def archive(
+    job_id: uuid.UUID,
+    settings: Settings,
+    client: httpx.Client,
+    db: Database,
+    store: ResultStore | None = None,
+) -> None:
     """Archive once: skipped when the job has archived URLs already."""
     job = _read(db, job_id)
     if job is not None:
-        _archive(job, settings, client, db)
+        _archive(job, settings, client, db, store)
 
 
-def _archive(job: Job, settings: Settings, client: httpx.Client, db: Database) -> None:
+def _archive(
+    job: Job,
+    settings: Settings,
+    client: httpx.Client,
+    db: Database,
+    store: ResultStore | None = None,
+) -> None:
     if job.status != JobStatus.COMPLETED or job.archived_urls:
         return
     result_urls = list(job.result_urls or [])
     if not settings.archive_results or not result_urls:
         return
     # Downloads run outside any transaction: no row (or SQLite) lock is held meanwhile.
-    archived = archive_results(job, settings, client)
+    archived = archive_results(job, settings, client, store=store)
     message = f"archived {len(archived.urls)} of {len(result_urls)} result image(s)"
     if archived.errors:
         message += "; failed: " + "; ".join(archived.errors)

@@ -202,7 +202,9 @@ def _apply_answers(
     for target in chunk:
         state = states.get(target.upstream_task_id)
         if state is not None and state.images:
-            states[target.upstream_task_id] = store_inline(runtime.settings, target.job_id, state)
+            states[target.upstream_task_id] = store_inline(
+                runtime.results, runtime.settings, target.job_id, state
+            )
     with runtime.session() as session:
         jobs.record_poll_answers(session, [t.job_id for t in chunk], states, plan, utcnow())
 

@@ -1,4 +1,5 @@
-"""Result images variflow keeps itself, served by the web app under /results/."""
+"""Result images variflow keeps itself, in the result store (worker/result_store.py),
+served by the web app under /results/."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from worker.config import Settings
+from worker.result_store import ResultStore
 from worker.status import UpstreamState
 
 
 def job_folder(settings: Settings, job_id: uuid.UUID) -> Path:
+    """The job's folder in a folder store (the default)."""
     return settings.results_folder / str(job_id)
 
 
@@ -29,25 +32,28 @@ def stored_name(settings: Settings, job_id: uuid.UUID, url: str | None) -> str |
     return name if name and "/" not in name and not name.startswith(".") else None
 
 
-def store_inline(settings: Settings, job_id: uuid.UUID, state: UpstreamState) -> UpstreamState:
-    """A state whose inline images are stored and listed among its image URLs."""
+def store_inline(
+    store: ResultStore, settings: Settings, job_id: uuid.UUID, state: UpstreamState
+) -> UpstreamState:
+    """A state whose inline images are stored and listed among its image URLs.
+
+    Raises OSError (StoreUnavailable for S3) when they cannot be stored.
+    """
     if not state.images:
         return state
-    urls = store_inline_images(settings, job_id, state.images)
+    urls = store_inline_images(store, settings, job_id, state.images)
     return replace(state, image_urls=state.image_urls + urls, images=())
 
 
 def store_inline_images(
-    settings: Settings, job_id: uuid.UUID, images: tuple[bytes, ...]
+    store: ResultStore, settings: Settings, job_id: uuid.UUID, images: tuple[bytes, ...]
 ) -> tuple[str, ...]:
-    """Write images a provider returned inline; return the URLs they are served at."""
-    folder = job_folder(settings, job_id)
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write images a provider returned inline; return the URLs they are served at.
+
+    Written again under the same names when a task runs twice."""
     urls = []
     for n, content in enumerate(images, 1):
         name = f"{n}.png"
-        tmp = folder / f".{name}.tmp"
-        tmp.write_bytes(content)
-        tmp.replace(folder / name)  # readers never see half a file
+        store.put(job_id, name, content, "image/png")
         urls.append(stored_url(settings, job_id, name))
     return tuple(urls)

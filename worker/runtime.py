@@ -32,6 +32,7 @@ from worker.hooks import AfterTheEnd, Consumer
 from worker.providers import adapter_class
 from worker.providers.base import AdapterContext, Provider
 from worker.providers.http import make_client
+from worker.result_store import FolderStore, S3Store, open_store
 
 
 class Providers:
@@ -107,6 +108,8 @@ class Runtime:
     db: Database
     http: httpx.Client
     providers: Providers
+    # Where result images are kept; an S3 store's client is built once, on first use.
+    results: FolderStore | S3Store
     consumers: tuple[Consumer, ...] = ()
     pid: int = field(default_factory=os.getpid)
 
@@ -132,6 +135,7 @@ class Runtime:
             ),
             http=client,
             providers=Providers.build(settings, client),
+            results=open_store(settings),
             consumers=tuple(consumers),
         )
 
@@ -148,6 +152,7 @@ class Runtime:
     def close(self) -> None:
         self.db.dispose()
         self.http.close()
+        self.results.close()
 
 
 _lock = threading.Lock()

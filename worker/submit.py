@@ -404,7 +404,8 @@ def _store_inline_results(claim: Claim, submission: Submission, runtime: Runtime
     """Keep images a provider returned inline; a failure here must not re-POST a paid create."""
     try:
         return replace(
-            submission, state=store_inline(runtime.settings, claim.job_id, submission.state)
+            submission,
+            state=store_inline(runtime.results, runtime.settings, claim.job_id, submission.state),
         )
     except OSError as exc:
         log.exception("job %s: could not store inline results", claim.job_id)

@@ -16,10 +16,11 @@ import os
 import threading
 from typing import Any
 
-from flask import Blueprint, current_app, redirect, request, send_from_directory
+from flask import Blueprint, current_app, redirect, request
 from flask.typing import ResponseReturnValue
 
 from webhooks.context import runtime
+from webhooks.results import STORE_DOWN, stored_result
 from webhooks.v1 import schemas
 from webhooks.v1.auth import caller, visible_tenant
 from webhooks.v1.openapi import Api, Operation, Param, query_of, validated
@@ -29,6 +30,7 @@ from webhooks.v1.waiting import WEB_FREE_THREADS, Watcher
 from worker import api as jobs_api
 from worker.api import JobInfo, ResultSource
 from worker.errors import IdempotencyConflict, InvalidInput, JobNotFound
+from worker.result_store import StoreUnavailable
 from worker.results import stored_name
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -335,13 +337,13 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
         path_params=(JOB_ID, RESULT_N),
         responses={
             401: UNAUTHENTICATED,
-            503: UNAVAILABLE,
-            200: ("The image", None),
-            302: ("The provider's URL of the image (no stored copy)", None),
+            503: ("The database or the result store is unavailable: try again later", Problem),
+            200: ("The image (stored in a folder, or streamed from S3)", None),
+            302: ("A presigned URL of the stored copy in S3, else the provider's URL", None),
             404: ("No such job for this tenant, not completed, or no result n", Problem),
         },
         response_media={200: {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
-        response_headers={302: {"Location": "The provider's URL."}},
+        response_headers={302: {"Location": "The stored copy's presigned URL, or the provider's."}},
     )
 )
 def get_result(job_id: str, n: int) -> ResponseReturnValue:
@@ -350,9 +352,13 @@ def get_result(job_id: str, n: int) -> ResponseReturnValue:
         lambda: jobs_api.result_source(job_id, n, tenant=tenant, runtime=runtime())
     )
     if source.name is not None:
-        folder = runtime().settings.results_folder / str(source.job_id)
-        if (folder / source.name).is_file():
-            return send_from_directory(folder, source.name, max_age=3600)
+        rt = runtime()
+        try:
+            stored = stored_result(rt.results, rt.settings, source.job_id, source.name)
+        except StoreUnavailable:
+            raise ProblemError(503, STORE_DOWN, headers={"Retry-After": "5"}) from None
+        if stored is not None:
+            return stored
     if source.provider_url is not None:
         return redirect(source.provider_url, 302)
     raise ProblemError(404, f"result {n} of job {job_id} is not stored")
