@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chaos clean
+.PHONY: demo test lint bench chaos clean lock
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,13 @@ bench: $(STAMP)
 # The fault run (not part of `make test`): its own PostgreSQL and Redis, several minutes.
 chaos: $(STAMP)
 	$(BIN)/python bench/chaos.py
+
+# The image's pins (Dockerfile: pip install --require-hashes): every runtime dependency of
+# pyproject.toml, with hashes, for Python 3.11 on any platform. Versions already pinned are
+# kept; run after changing [project.dependencies] (a unit test says when it is stale).
+lock: $(STAMP)
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" --quiet -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .variflow .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,10 @@
-"""Shared fixtures: real PostgreSQL and Redis, the embedded SQLite default, and settings.
+"""Shared fixtures: real PostgreSQL, Redis and RabbitMQ, the embedded SQLite default,
+and settings.
 
-PostgreSQL and Redis are found from VARIFLOW_TEST_DATABASE_URL and
-VARIFLOW_TEST_REDIS_URL. When one is unreachable the tests that need it are
-skipped, unless VARIFLOW_REQUIRE_SERVICES=1 (CI), which makes it a failure.
+PostgreSQL, Redis and RabbitMQ are found from VARIFLOW_TEST_DATABASE_URL,
+VARIFLOW_TEST_REDIS_URL and VARIFLOW_TEST_RABBITMQ_URL. When one is unreachable
+the tests that need it are skipped, unless VARIFLOW_REQUIRE_SERVICES=1 (CI),
+which makes it a failure.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 import pytest
 import redis
 from hypothesis import settings as hypothesis_settings
+from kombu import Connection
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from tests.s3_support import MotoServer, start_moto_server
 from worker import runtime
 from worker.celery_app import build_runtime
 from worker.celery_app import reconfigure as reconfigure_celery
@@ -28,6 +32,7 @@ PG_URL = os.environ.get(
     "VARIFLOW_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("VARIFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+RABBITMQ_URL = os.environ.get("VARIFLOW_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REQUIRE_SERVICES = os.environ.get("VARIFLOW_REQUIRE_SERVICES") == "1"
 SANDBOX_KEY = "sandbox-key"
 
@@ -132,6 +137,8 @@ def pg_url(pg_server_url: str, configure: Configure) -> str:
     engine = create_engine(pg_server_url)
     with engine.begin() as conn:
         tables = "jobs, job_events, job_inputs, api_tokens, account_states"
+        # A beat killed in one test must not leave the next one a live lease.
+        tables += ", beat_leases, beat_entries"
         conn.execute(text(f"TRUNCATE {tables} CASCADE"))
     engine.dispose()
     configure(database_url=pg_server_url)
@@ -152,3 +159,34 @@ def redis_url(redis_server_url: str, configure: Configure) -> str:
     """Redis as the broker, on a queue of this test's own."""
     configure(broker_url=redis_server_url, queue=f"variflow-test-{uuid.uuid4().hex[:8]}")
     return redis_server_url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server_url() -> str:
+    try:
+        with Connection(RABBITMQ_URL, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        unavailable(f"RabbitMQ at {Connection(RABBITMQ_URL).as_uri()}", exc)
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_server_url: str, configure: Configure) -> Iterator[str]:
+    """RabbitMQ as the broker, on a queue of this test's own (deleted afterwards:
+    Celery declares it durable, so it would outlive the run)."""
+    queue = f"variflow-test-{uuid.uuid4().hex[:8]}"
+    configure(broker_url=rabbitmq_server_url, queue=queue)
+    yield rabbitmq_server_url
+    with Connection(rabbitmq_server_url, connect_timeout=2) as conn:
+        channel = conn.default_channel
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """An S3-compatible HTTP server (moto, tests/s3_support.py) for this test session;
+    each test makes a bucket of its own."""
+    with start_moto_server() as server:
+        yield server

@@ -93,10 +93,11 @@ def _database_error(exc: DBAPIError) -> ResponseReturnValue:
 
 
 def _make_folders(settings: Settings) -> None:
-    # The web process makes what it uses, at start and on any backend: the shared
-    # metrics folder it adds up at /metrics, and the results folder it serves.
+    # The web process makes what it uses, at start and on any backend: the host's
+    # metrics folder (its web/ scope is what it adds up at /metrics), and the results
+    # folder it serves (a local result store).
     folders = [settings.metrics_folder]
-    if settings.archive_results:
+    if settings.archive_results and settings.results_bucket is None:
         folders.append(settings.results_folder)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ loads the task code; messages are sent by task name.
 What a worker process runs besides its tasks is connected here, in one place:
 logging, the task context of log lines, the process's runtime (built once per
 prefork child, from settings read once) with its consumers of "a job ended",
-and the metrics bookkeeping of exiting children.
+the worker's own metrics (its scope of samples and its /metrics endpoint, in the
+main process) and the metrics bookkeeping of exiting children.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.beat import PersistentScheduler
 from celery.signals import (
     setup_logging,
     task_postrun,
@@ -78,9 +77,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.longest_call + 150,
         "task_time_limit": settings.longest_call + 180,
         "worker_hijack_root_logger": False,
-        "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
-        # Celery's own scheduler, which first makes the schedule file's folder.
-        "beat_scheduler": f"{__name__}:{BeatScheduler.__name__}",
+        # Any number of beats, one sending (a lease in the database); named, not
+        # imported, so that only beat loads it. It keeps no schedule file.
+        "beat_scheduler": "worker.beat_scheduler:BeatScheduler",
         "beat_schedule": {
             # expires: a tick nobody ran in time is dropped, not piled up.
             "poll-due": {
@@ -246,22 +245,37 @@ def worker_runtime() -> Runtime:
 @worker_init.connect
 def _make_worker_folders(**_: Any) -> None:
     # A worker makes what it uses, at start and on any backend: the results folder
-    # (inline images, archived copies) and the shared metrics folder.
+    # (inline images, archived copies; none for object storage) and the host's
+    # metrics folder.
     settings = _settings()
-    for folder in (settings.results_folder, settings.metrics_folder):
+    folders = [settings.metrics_folder]
+    if settings.results_bucket is None:
+        folders.append(settings.results_folder)
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-class BeatScheduler(PersistentScheduler):  # type: ignore[misc]  # Celery ships no type hints
-    """Celery's default (shelve) scheduler, making its file's folder before opening it.
-
-    Beat opens the schedule before it sends ``beat_init``, so the folder (under
-    VARIFLOW_HOME by default, or given with ``celery beat -s``) is made here.
-    """
-
-    def setup_schedule(self) -> None:
-        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
-        super().setup_schedule()
+@worker_init.connect
+def _start_worker_metrics(sender: Any = None, **_: Any) -> None:
+    # The worker's main process, before it forks its pool: its own scope of samples
+    # (emptied of earlier runs'), which its children inherit, and its own /metrics.
+    settings = _settings()
+    node = str(getattr(sender, "hostname", "") or "celery")  # sender: the WorkController
+    scope = metrics.worker_scope(node)
+    metrics.start_scope(settings.metrics_folder, scope, settings.provider_names)
+    host, port = settings.worker_metrics_host, settings.worker_metrics_port
+    if not port:
+        return
+    try:
+        metrics.serve(host, port)
+    except OSError as exc:
+        # SystemExit, not an exception: Celery logs a signal handler's errors and goes on.
+        raise SystemExit(
+            f"variflow: cannot serve the worker's metrics on {host}:{port} "
+            f"({exc.strerror or exc}): set VARIFLOW_WORKER_METRICS_PORT to a free port "
+            "(each worker on a host needs its own; 0 turns it off) and "
+            "VARIFLOW_WORKER_METRICS_HOST to an address of this host"
+        ) from exc
 
 
 @worker_process_init.connect

@@ -531,6 +531,42 @@ def _table(headings: tuple[str, ...], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+@cli.command("beat-health")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds since the last check still healthy. Default: the beat's lease TTL.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def beat_health(max_age: float | None, as_json: bool) -> None:
+    """Exit 0 if this host's beat checked its lease recently, else 1 (a health check).
+
+    Every beat renews or checks its lease in the database every third of
+    VARIFLOW_BEAT_LEASE_TTL and, after each check that reached the database,
+    records it in VARIFLOW_HOME/beat/<host name>.json, which this reads: healthy
+    when that was at most one TTL ago (two checks missed), leader or standby alike.
+    """
+    from worker.beat_leader import Liveness, liveness_file
+
+    path = liveness_file(_settings().home)
+    record = Liveness.read(path)
+    if record is None:
+        if as_json:
+            click.echo(json.dumps({"healthy": False, "record": str(path)}))
+        else:
+            click.echo(f"unhealthy: no beat has checked its lease on this host ({path})")
+        sys.exit(1)
+    age = time.time() - record.checked_at
+    healthy = age <= (max_age or record.ttl)
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "age": round(age, 3), **vars(record)}))
+    else:
+        role = "leads" if record.leading else "stands by"
+        state = "healthy" if healthy else "unhealthy"
+        click.echo(f"{state}: beat {record.beat_id} {role}; lease checked {age:.1f}s ago")
+    sys.exit(0 if healthy else 1)
+
+
 @cli.group()
 def tokens() -> None:
     """Bearer tokens of the HTTP API (only their hashes are stored)."""
@@ -734,6 +770,9 @@ def _print_result(job: Any, as_json: bool, exit_on_failure: bool = True) -> None
         settings = _settings() if job.archived_urls else None
         for url in job.archived_urls:
             assert settings is not None
+            if settings.results_bucket is not None:  # in object storage: served at its URL
+                click.echo(f"archived: {url}")
+                continue
             local = settings.results_folder / url.split("/results/", 1)[-1]
             click.echo(f"archived: {local}")
     if exit_on_failure and job.status == "failed":

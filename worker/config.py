@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AnyHttpUrl,
@@ -38,6 +39,35 @@ __all__ = ["KNOWN_PROVIDERS", "ConfigError", "Settings", "get_settings", "load_s
 
 KNOWN_PROVIDERS = BUILTIN_PROVIDERS
 ENV_PREFIX = "VARIFLOW_"
+
+
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens, a letter or digit
+# at each end (no credentials, ports or paths can hide in one).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+class S3Location(NamedTuple):
+    """``s3://bucket/prefix``: the bucket, and the prefix of every key (no slash at
+    either end; may be empty)."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        rest = url[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ValueError("s3:// needs a bucket: s3://bucket or s3://bucket/prefix")
+        if not _BUCKET.fullmatch(bucket):
+            # The value is not echoed: a mistyped URL may carry a secret.
+            raise ValueError(
+                "not an S3 bucket name (3-63 lower-case letters, digits, '.' and '-'; "
+                "credentials come from AWS_* variables, never the URL)"
+            )
+        if any(c in prefix for c in "?#\\") or ".." in prefix.split("/"):
+            raise ValueError("the prefix after the bucket must be a plain path")
+        return cls(bucket, prefix.strip("/"))
 
 
 class Settings(BaseSettings):
@@ -91,10 +121,23 @@ class Settings(BaseSettings):
     poll_lease: float = Field(default=30.0, ge=3)
     sweep_interval: float = Field(default=30.0, gt=0)
     lost_message_grace: float = Field(default=60.0, ge=0)
+    # Any number of beats may run; the one holding this lease (in the database) sends,
+    # renewing it every third of this. A standby takes an expired lease at its next
+    # check, so the leader's death stops scheduled sends for at most 4/3 of this.
+    beat_lease_ttl: float = Field(default=30.0, ge=1, le=3600)
 
     # Results: provider URLs expire, so result images are archived here and
     # served by the web app under /results/ (inline base64 results always are).
-    result_store: str = ""  # default: $VARIFLOW_HOME/results; "off" disables archiving
+    # A folder (default: $VARIFLOW_HOME/results), s3://bucket/prefix (endpoint, region and
+    # credentials from the usual AWS_* variables), or "off" (no archiving).
+    result_store: str = ""
+    # How the web app serves results kept in S3: a redirect to a presigned URL valid this
+    # long, or the bytes streamed through it (a bucket its clients cannot reach).
+    result_serve: Literal["redirect", "stream"] = "redirect"
+    result_url_ttl: int = Field(default=300, ge=1, le=7 * 24 * 3600)  # SigV4's maximum
+    # Where clients reach the store, when not where variflow does (a compose network's
+    # http://s3:9000 is not the browser's): presigned URLs are signed for this host.
+    result_public_endpoint: AnyHttpUrl | None = None
 
     # Input images.
     max_image_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
@@ -114,7 +157,11 @@ class Settings(BaseSettings):
     dashboard_user: str | None = None
     dashboard_password: SecretStr | None = None
     flower_basic_auth: SecretStr | None = None
+    # Prometheus samples, per host: a folder only this host's processes use (worker/metrics.py).
     metrics_dir: Path | None = None
+    # A Celery worker's own /metrics, served by its main process (0: not served).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "0.0.0.0"
 
     # Provider accounts and their capacity (worker/accounts.py, worker/capacity.py).
     accounts_file: Path | None = None
@@ -158,6 +205,15 @@ class Settings(BaseSettings):
             raise ValueError("not a URL (expected scheme://...)")
         return value
 
+    @field_validator("result_store")
+    @classmethod
+    def _folder_s3_or_off(cls, value: str) -> str:
+        if value.lower().startswith("s3://"):
+            S3Location.parse(value)  # a ValueError says what is wrong
+        elif "://" in value:
+            raise ValueError("expected a folder, s3://bucket/prefix or off")
+        return value
+
     @field_validator("notify_secret")
     @classmethod
     def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
@@ -193,8 +249,16 @@ class Settings(BaseSettings):
         return self.result_store.lower() != "off"
 
     @property
+    def results_bucket(self) -> S3Location | None:
+        """Where results go when the store is S3; None for a folder (or off)."""
+        if self.result_store.lower().startswith("s3://"):
+            return S3Location.parse(self.result_store)
+        return None
+
+    @property
     def results_folder(self) -> Path:
-        if self.result_store and self.archive_results:
+        """The folder results go to (unused when the store is S3)."""
+        if self.result_store and self.archive_results and self.results_bucket is None:
             return Path(self.result_store).resolve()
         return self.home.resolve() / "results"
 

@@ -275,9 +275,9 @@ def test_procfile_processes_run_a_job_end_to_end(procfile_stack: ProcfileStack) 
 
     health = stack.wait_for(lambda: _get(f"{stack.web_url}/healthz", 200), "web's /healthz")
     assert health.json() == {"status": "ok", "database": "ok"}
-    # beat made its schedule file's folder (VARIFLOW_HOME) and runs (honcho would stop
+    # beat wrote its health record (under VARIFLOW_HOME) and runs (honcho would stop
     # everything if it had died); web and worker made the folders they use.
-    stack.wait_for(lambda: list(stack.home.glob("celerybeat-schedule*")), "beat's schedule")
+    stack.wait_for(lambda: list(stack.home.glob("beat/*.json")), "beat's lease check")
     stack.wait_for(lambda: (stack.home / "results").is_dir(), "the results folder")
     stack.wait_for(lambda: (stack.home / "metrics").is_dir(), "the metrics folder")
 

@@ -2,7 +2,7 @@
 
 On PostgreSQL + Redis nothing else makes VARIFLOW_HOME (the embedded defaults do:
 the SQLite file's folder, the filesystem broker's folder), so each process is started
-here from a home that does not exist: Celery beat (its schedule file), a Celery worker
+here from a home that does not exist: Celery beat (its health record), a Celery worker
 (the results and metrics folders) and the web app (the metrics folder, and the results
 folder it serves when archiving is on).
 """
@@ -77,7 +77,7 @@ def test_beat_starts_without_its_home_and_keeps_running(
     stack.start_beat()
 
     wait_for(lambda: "beat: Waking up" in _tail(log), "beat's loop", stack, log)
-    assert list(fresh_home.glob("celerybeat-schedule*")), list(fresh_home.iterdir())
+    assert list(fresh_home.glob("beat/*.json")), list(fresh_home.iterdir())
     assert "FileNotFoundError" not in _tail(log)
     stack.check_alive()
     stack.stop("beat")
