@@ -66,6 +66,9 @@ class Stack:
     env: Mapping[str, str]
     log_dir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # How long stop() lets the processes wind down (a Celery worker finishing its
+    # tasks) before killing them.
+    stop_timeout: float = 15.0
     _logs: list[IO[bytes]] = field(default_factory=list)
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -122,16 +125,24 @@ class Stack:
                     f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log"
                 )
 
-    def stop(self, name: str | None = None, timeout: float = 15.0) -> None:
+    def stop(self, name: str | None = None, timeout: float | None = None) -> None:
+        """Stop one process, or all: each is asked to stop (SIGTERM to its group) at
+        once, then waited for together, for ``timeout`` (default ``stop_timeout``)
+        seconds in all before what is left is killed — the processes wind down side
+        by side, not one after another."""
         names = [name] if name else list(reversed(self.procs))
+        stopping = []
         for each in names:
             proc = self.procs.pop(each, None)
             if proc is None or proc.poll() is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+            stopping.append(proc)
+        deadline = time.monotonic() + (self.stop_timeout if timeout is None else timeout)
+        for proc in stopping:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)

@@ -90,7 +90,9 @@ def running_stack(
             **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()},
         )
         env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
-        with Stack(env, tmp_path / "logs") as stack:
+        # A test's processes need not finish their work at teardown: what has not
+        # wound down after a few seconds (a worker waiting on its pool) is killed.
+        with Stack(env, tmp_path / "logs", stop_timeout=4.0) as stack:
             stack.start_web(web_port, workers=1)
             stack.start_worker(concurrency=4)
             stack.start_beat()
