@@ -9,7 +9,6 @@ route serves its stored copies with :func:`stored_result` too.
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 
@@ -17,7 +16,9 @@ from flask import Blueprint, Response, abort, redirect, send_from_directory
 from flask.typing import ResponseReturnValue
 from werkzeug.wrappers import Response as AnyResponse
 
+from webhooks import problems
 from webhooks.context import runtime
+from webhooks.problems import ProblemError
 from worker.config import Settings
 from worker.result_store import FolderStore, S3Store, StoreUnavailable
 
@@ -39,19 +40,8 @@ def result_image(job_id: str, name: str) -> ResponseReturnValue:
     try:
         found = stored_result(rt.results, rt.settings, job, name)
     except StoreUnavailable:
-        # A problem as the /v1 API answers one (webhooks/v1/problems.py).
-        body = {
-            "type": "urn:variflow:problem:unavailable",
-            "title": "Service unavailable",
-            "status": 503,
-            "detail": STORE_DOWN,
-        }
-        return Response(
-            json.dumps(body),
-            status=503,
-            mimetype="application/problem+json",
-            headers={"Retry-After": "5"},
-        )
+        # The same problem the /v1 API's results route answers (webhooks/v1/views.py).
+        return problems.response(ProblemError(503, STORE_DOWN, headers={"Retry-After": "5"}))
     if found is None:
         abort(404)
     return found

@@ -16,7 +16,9 @@ from sqlalchemy import func, select
 from werkzeug.test import TestResponse
 
 from tests.conftest import Configure
-from tests.unit.test_dashboard import AUTH, JOB_LINK, PASSWORD, USER, insert_job, png
+from tests.dashboard_support import backend as backend
+from tests.dashboard_support import client as client
+from tests.unit.test_dashboard import AUTH, JOB_LINK, USER, insert_job, png
 from webhooks import create_app
 from webhooks.dashboard import access
 from worker.api import cancel_job, get_job, submit_variation
@@ -28,20 +30,6 @@ from worker.states import JobStatus
 RETRIED = re.compile(r"/dashboard/jobs/([0-9a-f-]{36})\?notice=retried&of=([0-9a-f-]{36})")
 TOKEN = re.compile(r'name="csrf_token" value="([^"]+)"')
 PIAPI: dict[str, Any] = {"origin_task_id": "o-9", "index": "3", "prompt": "a blue heron"}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def backend(request: pytest.FixtureRequest, configure: Configure) -> str:
-    request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url")
-    configure(dashboard_user=USER, dashboard_password=PASSWORD)
-    return str(request.param)
-
-
-@pytest.fixture
-def client(backend: str) -> FlaskClient:
-    app = create_app()
-    app.testing = True
-    return app.test_client()
 
 
 def token_of(client: FlaskClient, job_id: uuid.UUID) -> str:

@@ -19,8 +19,9 @@ import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import event, text
 
-from tests.conftest import Configure
-from webhooks import create_app
+from tests.dashboard_support import backend as backend
+from tests.dashboard_support import client as client
+from tests.unit.test_dashboard import AUTH, USER
 from webhooks.dashboard.overview import (
     IN_FLIGHT,
     NO_CODE,
@@ -33,9 +34,6 @@ from webhooks.dashboard.overview import (
 from worker.models import Job, utcnow
 from worker.runtime import current, session_scope
 
-USER = "ops"
-PASSWORD = "overview-pw"
-AUTH = (USER, PASSWORD)
 # 12:30:20 UTC: the hour window is [11:31, 12:31), its last bucket 12:30 (partial).
 NOW = datetime(2026, 3, 1, 12, 30, 20, tzinfo=UTC)
 HOUR_START = datetime(2026, 3, 1, 11, 31, tzinfo=UTC)
@@ -45,20 +43,6 @@ BAR = re.compile(
     r'<rect class="bar s-([a-z_]+)" data-series="\1" x="[\d.]+" y="[\d.]+" '
     r'width="([\d.]+)" height="([\d.]+)"/>'
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.services)])
-def backend(request: pytest.FixtureRequest, configure: Configure) -> str:
-    request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url")
-    configure(dashboard_user=USER, dashboard_password=PASSWORD)
-    return str(request.param)
-
-
-@pytest.fixture
-def client(backend: str) -> FlaskClient:
-    app = create_app()
-    app.testing = True
-    return app.test_client()
 
 
 def job(

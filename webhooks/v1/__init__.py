@@ -17,9 +17,9 @@ from flask.typing import ResponseReturnValue
 from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException
 
-from webhooks.v1 import problems
+from webhooks import problems
+from webhooks.problems import ProblemError
 from webhooks.v1.auth import authenticate
-from webhooks.v1.problems import ProblemError
 from webhooks.v1.views import api, bp
 
 log = logging.getLogger(__name__)

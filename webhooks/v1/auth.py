@@ -10,7 +10,7 @@ from __future__ import annotations
 from flask import g, request
 
 from webhooks.context import runtime
-from webhooks.v1.problems import ProblemError
+from webhooks.problems import ProblemError
 from worker import tokens
 from worker.tokens import TokenInfo
 

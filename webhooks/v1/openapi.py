@@ -24,8 +24,8 @@ from flask import Blueprint, request
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from webhooks.v1.problems import MEDIA_TYPE as PROBLEM
-from webhooks.v1.problems import ProblemError
+from webhooks.problems import MEDIA_TYPE as PROBLEM
+from webhooks.problems import ProblemError
 from webhooks.v1.schemas import Problem
 
 REF = "#/components/schemas/{model}"

@@ -3,7 +3,7 @@
 Each view checks the caller's token (the blueprint does, before), validates
 with the models of webhooks/v1/schemas.py, and calls the same functions as the
 Python API (worker/api.py) with the caller's tenant, so the rules are the
-ones in-process callers get. Every error is a problem (webhooks/v1/problems.py).
+ones in-process callers get. Every error is a problem (webhooks/problems.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from flask import Blueprint, current_app, redirect, request
 from flask.typing import ResponseReturnValue
 
 from webhooks.context import runtime
+from webhooks.problems import ProblemError, invalid
 from webhooks.results import STORE_DOWN, stored_result
 from webhooks.v1 import schemas
 from webhooks.v1.auth import caller, visible_tenant
 from webhooks.v1.openapi import Api, Operation, Param, query_of, validated
-from webhooks.v1.problems import ProblemError, invalid
 from webhooks.v1.schemas import NUMBER, CreateJob, CreateJobForm, Problem
 from webhooks.v1.waiting import WEB_FREE_THREADS, Watcher
 from worker import api as jobs_api

@@ -1,7 +1,10 @@
 """Errors as RFC 9457 problem details (``application/problem+json``).
 
 Every error of the /v1 API is one of these, raised as :class:`ProblemError` or
-made from an HTTP error Flask raised (404 route, 405, 413, malformed body).
+made from an HTTP error Flask raised (404 route, 405, 413, malformed body); so is
+the 503 of ``/results`` (webhooks/results.py). It lives outside webhooks/v1 because
+webhooks/v1/views.py imports webhooks/results.py: results importing webhooks.v1
+back would be an import cycle (the ``acyclic`` import-linter contract).
 ``type`` is a URN naming the kind of problem; clients branch on it or on
 ``status``, never on ``detail`` (which is for people).
 """
