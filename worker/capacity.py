@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from worker import jobs
 from worker.accounts import Account, Limits
 from worker.db import is_postgres
 from worker.errors import ErrorCode
@@ -51,6 +52,9 @@ from worker.states import JobStatus
 IN_FLIGHT = (JobStatus.SUBMITTED.value, JobStatus.PROCESSING.value)
 # The most waiting jobs one admission wakes (each admitted one wakes more).
 MAX_WAKE = 8
+# How long a woken job's submit may take to reach admission before its wake is sent
+# again (a message lost with a broker): well beyond a queue's usual delay.
+WAKE_IN_TRANSIT = timedelta(seconds=30)
 # What PiAPI counts as an "incorrect task": the provider failed or refused the job.
 UPSTREAM_FAILURES = (ErrorCode.UPSTREAM_FAILED.value, ErrorCode.UPSTREAM_REJECTED.value)
 
@@ -115,14 +119,16 @@ def admit(
     budget_policy: str = "wait",
     breaker_threshold: int = 5,
     breaker_cooldown: float = 60.0,
+    ahead: int | None = None,
 ) -> Decision:
     """Decide for the queued ``job`` (its row, read by the caller), within the caller's
     transaction; when admitted, the account's rate turns are taken (the caller then
-    claims the job with the account in the same transaction)."""
+    claims the job with the account in the same transaction). ``ahead``: the job's
+    place in line (:func:`jobs_ahead`) when the caller read it before the lock."""
     provider = job.provider
     lock_provider(session, provider)
     states = _states(session, provider)
-    usage = usage_by_account(session, provider, now)
+    usage = usage_by_account(session, provider, now, daily=_counts_days(accounts))
     blocks: list[_Block] = []
     open_accounts: list[tuple[Account, float, int]] = []
     for account in accounts:
@@ -145,7 +151,8 @@ def admit(
             blocks.append(_Block(f"waiting for a slot: {_slots(account, in_flight)}", None))
             continue
         open_accounts.append((account, free, in_flight))
-    ahead = _ahead(session, job, now)
+    if ahead is None:
+        ahead = jobs_ahead(session, job, now)
     if not open_accounts:
         if budget_policy == "fail" and blocks and all(b.budget for b in blocks):
             return Decision(reason=blocks[0].reason, fail=True, ahead=ahead)
@@ -153,18 +160,14 @@ def admit(
         return Decision(reason=_reason(blocks), until=min(timed) if timed else None, ahead=ahead)
     free_total = sum(free for _, free, _ in open_accounts)
     if ahead >= free_total:
-        return Decision(
-            reason=f"waiting for a slot: {ahead} earlier jobs of {provider} go first",
-            ahead=ahead,
-            room=True,
-        )
+        return Decision(reason=_in_line(provider, ahead), ahead=ahead, room=True)
     # The most free slots; among unlimited accounts, the fewest in flight.
     account = max(open_accounts, key=lambda entry: (entry[1], -entry[2]))[0]
     _take_turns(session, account, states.get(account.name), now, job.id)
     # More jobs that could be admitted right now: slots free on accounts whose next
     # turn is not spaced out by a rate (those would only wake to wait again).
-    unpaced = sum(free for entry, free, _ in open_accounts if not _paced(entry))
-    spare = max(0.0, unpaced - ahead - 1) if not _paced(account) else 0.0
+    unpaced = sum(free for entry, free, _ in open_accounts if not paced(entry))
+    spare = max(0.0, unpaced - ahead - 1) if not paced(account) else 0.0
     return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)))
 
 
@@ -188,19 +191,76 @@ def room_now(
         return 0
     provider = accounts[0].provider
     states = _states(session, provider)
-    usage = usage_by_account(session, provider, now)
+    usage = usage_by_account(session, provider, now, daily=_counts_days(accounts))
     room = 0
     for account in accounts:
         held = usage.get(account.name, Usage())
         state = states.get(account.name)
-        if _blocked(
-            account, state, held, now, uuid.UUID(int=0), breaker_threshold, breaker_cooldown
-        ):
+        if _blocked(account, state, held, now, None, breaker_threshold, breaker_cooldown):
             continue
         limit = held_at_most(account.limits)
         free = MAX_WAKE if limit is None else max(0, limit - held.in_flight)
-        room += min(free, 1) if _paced(account) else free
+        room += min(free, 1) if paced(account) else free
     return min(room, MAX_WAKE)
+
+
+def to_wake(
+    session: Session,
+    accounts: Sequence[Account],
+    now: datetime,
+    *,
+    at_least: int = 0,
+    breaker_threshold: int = 5,
+    breaker_cooldown: float = 60.0,
+) -> list[uuid.UUID]:
+    """Wake the waiting jobs of the provider there is room for now (:func:`room_now`),
+    and at least ``at_least`` (the sweep wakes the head even without room: a job waiting
+    on a timer whose message was lost); the caller sends their submits. The first jobs
+    in line are woken, but those woken already and still on their way, whose slots
+    these are."""
+    if not accounts:
+        return []
+    room = room_now(
+        session,
+        accounts,
+        now,
+        breaker_threshold=breaker_threshold,
+        breaker_cooldown=breaker_cooldown,
+    )
+    return wake_next(session, accounts[0].provider, max(room, at_least), now)
+
+
+def wake_next(
+    session: Session, provider: str, count: int, now: datetime, but: uuid.UUID | None = None
+) -> list[uuid.UUID]:
+    """Wake the first ``count`` jobs in the provider's line (but ``but``), skipping those
+    woken already and still on their way (worker/jobs.py marks them)."""
+    if count <= 0:
+        return []
+    return jobs.wake_waiting(session, provider, count, now, WAKE_IN_TRANSIT, but)
+
+
+def surely_waits(accounts: Sequence[Account], ahead: int) -> str | None:
+    """The reason a job with ``ahead`` earlier jobs in line waits, when that is certain
+    without the admission lock (None: only admission can tell).
+
+    Admission lets a job go only when fewer jobs are ahead of it than its provider has
+    free slots; with so many ahead that every slot of every account (and MAX_WAKE more,
+    for jobs ahead that are admitted meanwhile) would not reach it, it waits whatever
+    the lock would show. A burst of thousands of jobs is marked waiting this way
+    without queueing for the lock that the jobs being refilled need."""
+    if not accounts:
+        return None
+    slots = [held_at_most(account.limits) for account in accounts]
+    if any(limit is None for limit in slots):
+        return None
+    if ahead < sum(limit or 0 for limit in slots) + MAX_WAKE:
+        return None
+    return _in_line(accounts[0].provider, ahead)
+
+
+def _in_line(provider: str, ahead: int) -> str:
+    return f"waiting for a slot: {ahead} earlier jobs of {provider} go first"
 
 
 def held_at_most(limits: Limits) -> int | None:
@@ -216,7 +276,8 @@ def _slots(account: Account, in_flight: int) -> str:
     return f"{in_flight}/{limits.max_in_flight}{staged} in flight on {account.label}"
 
 
-def _paced(account: Account) -> bool:
+def paced(account: Account) -> bool:
+    """Whether the account's creates are spaced out by a rate (its next turn may be later)."""
     limits = account.limits
     return limits.creates_per_minute is not None or limits.requests_per_minute is not None
 
@@ -232,10 +293,12 @@ def _blocked(
     state: AccountState | None,
     usage: Usage,
     now: datetime,
-    job_id: uuid.UUID,
+    job_id: uuid.UUID | None,
     breaker_threshold: int,
     breaker_cooldown: float = 60.0,
 ) -> _Block | None:
+    """Why nothing may be created on the account now, if anything; ``job_id``: the job
+    asking (it may be the breaker's probe), None to ask for any job."""
     limits = account.limits
     label = account.label
     if state is not None:
@@ -252,7 +315,8 @@ def _blocked(
                     state.opened_until,
                 )
             probe_until = state.opened_until + timedelta(seconds=breaker_cooldown)
-            if state.probe_job_id not in (None, job_id) and probe_until > now:
+            probing = state.probe_job_id is not None and state.probe_job_id != job_id
+            if probing and probe_until > now:
                 # One probe at a time; a probe that never reported (its worker died)
                 # gives way to another after a cool-down.
                 return _Block(f"circuit half open on {label}: one probe job decides", probe_until)
@@ -292,12 +356,19 @@ def _hms(moment: datetime) -> str:
 
 def lock_provider(session: Session, provider: str) -> None:
     """Serialise admissions of one provider until the transaction ends (PostgreSQL;
-    SQLite's BEGIN IMMEDIATE already holds the database's write lock)."""
-    if is_postgres(session):
-        key = int.from_bytes(
-            hashlib.sha256(f"variflow:{provider}".encode()).digest()[:8], "big", signed=True
-        )
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    SQLite's BEGIN IMMEDIATE already holds the database's write lock). Asking again
+    in the same transaction costs nothing (the lock is held until it ends)."""
+    if not is_postgres(session):
+        return
+    transaction = session.get_transaction()
+    held: dict[str, object] = session.info.setdefault("variflow_admission_locks", {})
+    if transaction is not None and held.get(provider) is transaction:
+        return
+    key = int.from_bytes(
+        hashlib.sha256(f"variflow:{provider}".encode()).digest()[:8], "big", signed=True
+    )
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    held[provider] = session.get_transaction()
 
 
 def _states(session: Session, provider: str) -> dict[str, AccountState]:
@@ -305,8 +376,25 @@ def _states(session: Session, provider: str) -> dict[str, AccountState]:
     return {row.account: row for row in rows}
 
 
-def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str, Usage]:
-    """Each account's slots in use and today's jobs, failed tasks and spend, in one query."""
+def _counts_days(accounts: Sequence[Account]) -> bool:
+    """Whether admission needs today's counts (an account has a daily budget or cap)."""
+    return any(
+        limits.daily_jobs is not None
+        or limits.daily_failed is not None
+        or limits.daily_spend_cap is not None
+        for limits in (account.limits for account in accounts)
+    )
+
+
+def usage_by_account(
+    session: Session, provider: str, now: datetime, *, daily: bool = True
+) -> dict[str, Usage]:
+    """Each account's slots in use and today's jobs, failed tasks and spend, in one query.
+
+    ``daily`` False: only the slots in use (the other counts are left 0). Admission asks
+    that for accounts without daily budgets: the day's counts read every row the
+    provider ended today, a cost that grows with each job of the day, while the slots
+    in use are read from the few rows that hold one."""
     day = datetime.combine(now.date(), time(), tzinfo=now.tzinfo)
     holding = or_(
         Job.status.in_(IN_FLIGHT),
@@ -315,6 +403,13 @@ def usage_by_account(session: Session, provider: str, now: datetime) -> dict[str
             or_(Job.create_started_at.is_not(None), Job.claimed_until > now),
         ),
     )
+    if not daily:
+        held = session.execute(
+            select(Job.account, func.count())
+            .where(Job.provider == provider, Job.account.is_not(None), holding)
+            .group_by(Job.account)
+        )
+        return {str(account): Usage(in_flight=int(n)) for account, n in held}
     failed_today = and_(
         Job.status == JobStatus.FAILED.value,
         Job.error_code.in_(UPSTREAM_FAILURES),
@@ -363,7 +458,7 @@ def _array_length(session: Session, column: Any) -> Any:
     return func.json_array_length(column)
 
 
-def _ahead(session: Session, job: Job, now: datetime) -> int:
+def jobs_ahead(session: Session, job: Job, now: datetime) -> int:
     """Queued jobs of the provider before ``job`` that nobody is submitting (FIFO,
     higher priority first; a job waiting out its own retry backoff is not in line)."""
     before = or_(
@@ -409,7 +504,8 @@ def _take_turns(
         # so a probe that never reports gives way to another one cool-down later.
         values["probe_job_id"] = job_id
         values["opened_until"] = now
-    _upsert(session, account, values)
+    if len(values) > 1:  # an account without rates and a closed breaker: nothing to note
+        _upsert(session, account, values)
 
 
 def take_request_turn(session: Session, account: Account, now: datetime) -> datetime | None:

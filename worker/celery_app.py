@@ -38,7 +38,7 @@ from worker.hooks import Consumer
 from worker.logs import bind, configure_logging, unbind
 from worker.runtime import Runtime
 from worker.status import TerminalJob
-from worker.submit import waiting_head
+from worker.submit import wake_for_room
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def wake_after_end(job: TerminalJob) -> None:
     if rt is None or not any(a.limits.max_in_flight for a in rt.providers.accounts(job.provider)):
         return
     try:
-        woken = waiting_head(job.provider, rt)
+        woken = wake_for_room(job.provider, rt)
     except Exception as exc:  # the end is committed: the sweep wakes the queue later
         log.warning("could not wake %s's queue (%s); the sweep will", job.provider, exc)
         return

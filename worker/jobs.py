@@ -542,9 +542,19 @@ def set_waiting(
         .where(
             JOBS.c.id == job_id,
             JOBS.c.status == JobStatus.QUEUED.value,
-            or_(JOBS.c.waiting_reason.is_(None), JOBS.c.waiting_reason != reason),
+            # Not a job another worker claimed meanwhile (admission decides from a row
+            # read before its lock): that one is on its way, not waiting.
+            JOBS.c.create_started_at.is_(None),
+            or_(JOBS.c.claimed_until.is_(None), JOBS.c.claimed_until <= now),
+            # A new reason, or a woken job back in line (the wake found no room).
+            or_(
+                JOBS.c.waiting_reason.is_(None),
+                JOBS.c.waiting_reason != reason,
+                JOBS.c.woken_at.is_not(None),
+            ),
         )
-        .values(waiting_reason=reason[:255], updated_at=now)
+        # Not woken any more: a job whose wake found no room is woken by the next free slot.
+        .values(waiting_reason=reason[:255], woken_at=None, updated_at=now)
     ).rowcount
     if changed and announce:
         event = _event_row(
@@ -554,6 +564,53 @@ def set_waiting(
             _INSERT_FIRST_EVENT, {"job_id": job_id} | {f"event_{k}": v for k, v in event.items()}
         )
     return bool(changed)
+
+
+def wake_waiting(
+    session: Session,
+    provider: str,
+    count: int,
+    now: datetime,
+    in_transit: timedelta,
+    but: uuid.UUID | None = None,
+) -> list[uuid.UUID]:
+    """Wake the first ``count`` jobs in the provider's line that wait for capacity, but
+    those already woken less than ``in_transit`` ago (their submit is on its way), and
+    return the ones woken, first in line first (``but``: a job that is not to be woken,
+    the one asking).
+
+    Every job's end asks for the head of the line; without the mark, the ends that come
+    before a woken job is admitted would send it again and again. Two wakers at once
+    pick the same head (their reads of the line agree), and the second finds it marked
+    (PostgreSQL: the rows are locked in line order, then read again; SQLite: writers
+    take turns), so a slot is never woken twice. A wake whose message was lost is made
+    good once ``in_transit`` has passed."""
+    line = (
+        select(JOBS.c.id)
+        .where(
+            JOBS.c.provider == provider,
+            JOBS.c.status == JobStatus.QUEUED.value,
+            JOBS.c.waiting_reason.is_not(None),
+            JOBS.c.create_started_at.is_(None),
+            or_(JOBS.c.claimed_until.is_(None), JOBS.c.claimed_until <= now),
+            *([JOBS.c.id != but] if but is not None else []),
+        )
+        .order_by(JOBS.c.priority.desc(), JOBS.c.created_at, JOBS.c.id)
+        .limit(count)
+    )
+    if is_postgres(session):
+        line = line.with_for_update()
+    woken = session.execute(
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(line.scalar_subquery()),
+            or_(JOBS.c.woken_at.is_(None), JOBS.c.woken_at <= now - in_transit),
+        )
+        .values(woken_at=now)
+        .returning(JOBS.c.id, JOBS.c.priority, JOBS.c.created_at)
+    ).all()
+    ordered = sorted(woken, key=lambda row: (-row.priority, row.created_at, row.id))
+    return [row.id for row in ordered]
 
 
 def record_cost(session: Session, job_id: uuid.UUID, cost: float) -> None:
@@ -753,6 +810,16 @@ def _holds(job: Job, token: str) -> bool:
     return job.claim_token == token or (
         job.claim_token == LAPSED and job.create_started_at is not None
     )
+
+
+def claim_lapses_at(job: Job) -> datetime | None:
+    """:func:`claim_expiry`, from a row already read."""
+    held = (
+        job.status == JobStatus.QUEUED.value
+        and job.claim_token is not None
+        and job.create_started_at is None
+    )
+    return job.claimed_until if held else None
 
 
 def claim_expiry(session: Session, job_id: uuid.UUID) -> datetime | None:

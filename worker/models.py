@@ -159,6 +159,9 @@ class Job(Base):
     account: Mapped[str | None] = mapped_column(String(32))
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     waiting_reason: Mapped[str | None] = mapped_column(String(255))
+    # When a free slot last woke the waiting job (its submit is on its way): every
+    # job's end reads the head of the line, and must not send it again meanwhile.
+    woken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     cost: Mapped[float | None] = mapped_column(Float)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     on_complete_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

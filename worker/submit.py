@@ -178,7 +178,7 @@ def submit(
     provider = provider or _provider_of(job_id, runtime)
     accounts = runtime.providers.accounts(provider) if provider else ()
     if accounts and capacity.limited(accounts):
-        admitted = _admit(job_id, accounts, runtime, wake)
+        admitted = _admit(job_id, accounts, runtime, wake, held_retries)
         if isinstance(admitted, SubmitOutcome):
             return admitted
         claim: Claim | None = admitted
@@ -192,21 +192,18 @@ def submit(
         return _attempt(claim, runtime)
 
 
-def waiting_head(provider: str, runtime: Runtime) -> list[uuid.UUID]:
-    """The waiting jobs of the provider's queue to wake now: as many as its accounts
-    have room for (capacity.room_now), first in line first."""
+def wake_for_room(provider: str, runtime: Runtime) -> list[uuid.UUID]:
+    """Wake the waiting jobs of the provider's queue its accounts have room for now
+    (capacity.to_wake), first in line first; the caller sends their submits."""
     settings = runtime.settings
-    accounts = runtime.providers.accounts(provider)
     with runtime.autocommit() as session:
-        now = utcnow()
-        room = capacity.room_now(
+        return capacity.to_wake(
             session,
-            accounts,
-            now,
+            runtime.providers.accounts(provider),
+            utcnow(),
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
         )
-        return capacity.waiting_head(session, provider, room, now) if room else []
 
 
 def _provider_of(job_id: uuid.UUID, runtime: Runtime) -> str:
@@ -220,20 +217,40 @@ def _admit(
     accounts: tuple[Account, ...],
     runtime: Runtime,
     wake: Callable[[list[uuid.UUID]], object],
+    held_retries: int,
 ) -> Claim | SubmitOutcome | None:
     """Admission and claim in one transaction, under the provider's admission lock:
     the job is claimed on an account with capacity, fails (a budget, policy "fail"),
     or waits with its reason (only the head of the queue sets a timer)."""
     settings = runtime.settings
-    with runtime.session() as session:
-        # The row is read, and the time taken, under the lock: a claim another worker
-        # committed meanwhile is seen, and a rate turn is not dated before the wait.
-        capacity.lock_provider(session, accounts[0].provider)
-        now = utcnow()
+    provider = accounts[0].provider
+    # The row, and the job's place in line, are read before the lock: a job nobody may
+    # claim now (a second wake of a job already on its way, a job another worker holds)
+    # costs this one read, and a job deep in a long line is marked waiting here; neither
+    # queues for the lock that the jobs refilling free slots need. What admission reads
+    # from the row does not change while it waits (provider, priority, place in line,
+    # deadline), and whether the job is still free to claim is decided by the claim's
+    # own conditional write. The place in line may shrink meanwhile (earlier jobs
+    # admitted): the job then waits one wake longer, and is never admitted early.
+    with runtime.autocommit() as session:
         job = session.get(Job, job_id)
+        now = utcnow()
         if job is None or not jobs.claimable(job, now):
-            return None
-        waited = job.waiting_reason is not None  # read before the claim clears it
+            return _not_claimed(job_id, runtime, held_retries, job)
+        ahead = capacity.jobs_ahead(session, job, now)
+    certain = capacity.surely_waits(accounts, ahead)
+    if certain is not None:
+        with runtime.session() as session:
+            _wait(session, job, certain, now)
+        return NOTHING_TO_DO
+    waited = job.waiting_reason is not None
+    claim: Claim | None = None
+    outcome: SubmitOutcome | None = None
+    with runtime.session() as session:
+        # The time is taken under the lock, so that a rate turn is never dated before
+        # the wait for it.
+        capacity.lock_provider(session, provider)
+        now = utcnow()
         decision = capacity.admit(
             session,
             accounts,
@@ -242,50 +259,67 @@ def _admit(
             budget_policy=settings.budget_policy,
             breaker_threshold=settings.breaker_threshold,
             breaker_cooldown=settings.breaker_cooldown,
+            ahead=ahead,
         )
         if decision.fail:
             assert decision.reason is not None
             jobs.refuse(session, job, ErrorCode.BUDGET_EXHAUSTED, decision.reason, now)
             return NOTHING_TO_DO
-        head: list[uuid.UUID]
         if decision.account is None:
             assert decision.reason is not None
-            # One event per kind of wait: "3/3 in flight" and "earlier jobs go first"
-            # alternate near the head of a queue, and are both a wait for a slot.
-            kind = job_stats.wait_reason_kind(decision.reason)
-            announce = not waited or job_stats.wait_reason_kind(job.waiting_reason) != kind
-            jobs.set_waiting(session, job_id, decision.reason, now, announce=announce)
+            _wait(session, job, decision.reason, now)
             timer = None
             if decision.until is not None and decision.ahead == 0:
                 timer = max(0.05, (decision.until - now).total_seconds())
-            log.info("job %s waits: %s", job_id, decision.reason)
-            # Room, but earlier jobs first: make sure the first of them is on its way.
-            head = capacity.waiting_head(session, job.provider, 2, now) if decision.room else []
             outcome = SubmitOutcome(retry_in=timer)
+            # Room, but earlier jobs first: make sure the first of them is on its way.
+            to_wake = 2 if decision.room else 0
         else:
-            outcome = None
             claim = claim_for_submit(
                 job_id, runtime, mark_create=True, account=decision.account, session=session
             )
-            # The next in line, and as many more as there is room for now.
-            count = 1 + decision.spare
-            head = capacity.waiting_head(session, job.provider, count, now) if claim else []
-    # Committed: the next in line may be admitted now, by another worker (never this
-    # job itself: it would only wake itself again).
-    head = [waiting for waiting in head if waiting != job_id]
-    if head:
-        wake(head)
-    if outcome is None and claim is not None and waited:
-        metrics.observe_capacity_wait(job.provider, (now - job.created_at).total_seconds())
+            if claim is None:
+                # Claimed by another worker since the read: the rate turns taken for
+                # this job are given back with the transaction.
+                session.rollback()
+                return None
+            # As many more as there is room for now; and on an account whose creates
+            # are spaced by a rate, the next in line, to wait for its turn on a timer
+            # (a slot is refilled by the end of the job holding it, not from here).
+            to_wake = decision.spare + (1 if capacity.paced(decision.account) else 0)
+    # Committed, and the lock released: the next in line may be admitted now, by another
+    # worker (never this job itself: it is claimed, or it would only wake itself again).
+    if to_wake:
+        with runtime.autocommit() as session:
+            head = capacity.wake_next(session, provider, to_wake, utcnow(), but=job_id)
+        if head:
+            wake(head)
+    if claim is not None and waited:
+        metrics.observe_capacity_wait(provider, (now - job.created_at).total_seconds())
     return outcome if outcome is not None else claim
 
 
-def _not_claimed(job_id: uuid.UUID, runtime: Runtime, held_retries: int) -> SubmitOutcome:
+def _wait(session: Session, job: Job, reason: str, now: datetime) -> None:
+    """The job waits for capacity, for ``reason``. One event per kind of wait: "3/3 in
+    flight" and "earlier jobs go first" alternate near the head of a queue, and are both
+    a wait for a slot."""
+    kind = job_stats.wait_reason_kind(reason)
+    announce = job.waiting_reason is None or job_stats.wait_reason_kind(job.waiting_reason) != kind
+    jobs.set_waiting(session, job.id, reason, now, announce=announce)
+    log.info("job %s waits: %s", job.id, reason)
+
+
+def _not_claimed(
+    job_id: uuid.UUID, runtime: Runtime, held_retries: int, row: Job | None = None
+) -> SubmitOutcome:
     """Not queued, not due, or claimed by another worker — which may have died: then
     look again when its claim can have lapsed (a message redelivered after a worker
-    was killed must not wait for the sweep)."""
-    with runtime.session() as session:
-        expiry = jobs.claim_expiry(session, job_id)
+    was killed must not wait for the sweep). ``row``: the job as just read, if it was."""
+    if row is not None:
+        expiry = jobs.claim_lapses_at(row)
+    else:
+        with runtime.session() as session:
+            expiry = jobs.claim_expiry(session, job_id)
     if expiry is None or held_retries >= MAX_HELD_RETRIES:
         log.info("job %s: nothing to submit (not queued, claimed, or not yet due)", job_id)
         return NOTHING_TO_DO

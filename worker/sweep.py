@@ -75,16 +75,16 @@ def sweep(runtime: Runtime) -> SweepReport:
         for provider in settings.provider_names:
             accounts = runtime.providers.accounts(provider)
             if capacity.limited(accounts):
-                room = capacity.room_now(
+                # At least the head: a job waiting on a timer (a rate, a pause) whose
+                # retry message was lost is in line too.
+                head = capacity.to_wake(
                     session,
                     accounts,
                     now,
+                    at_least=1,
                     breaker_threshold=settings.breaker_threshold,
                     breaker_cooldown=settings.breaker_cooldown,
                 )
-                # At least the head: a job waiting on a timer (a rate, a pause) whose
-                # retry message was lost is in line too.
-                head = capacity.waiting_head(session, provider, max(room, 1), now)
                 report.woken += head
                 report.providers.update(dict.fromkeys(head, provider))
         report.refinalize = jobs.unfinished_after_the_end(

@@ -16,7 +16,7 @@ from worker.celery_app import app, worker_runtime
 from worker.db import DB_UNAVAILABLE
 from worker.finalize import finalize, stop_upstream_task
 from worker.polling import lease_due, poll_jobs
-from worker.submit import submit, waiting_head
+from worker.submit import submit, wake_for_room
 from worker.sweep import sweep
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def wake_waiting(provider: str, count: int = 1) -> int:
     """Wake the jobs waiting for a provider's capacity that have room now. A job's end
     does this in the process that saw it (celery_app.wake_after_end); the task stays for
     messages an earlier version sent (``count``, their hint, is no longer needed)."""
-    woken = waiting_head(provider, worker_runtime())
+    woken = wake_for_room(provider, worker_runtime())
     for job_id in woken:
         queue.send_submit(job_id, provider)
     return len(woken)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from sqlalchemy import delete
 
-from worker import capacity
+from worker import capacity, jobs
 from worker.accounts import Account, Limits
 from worker.capacity import Decision, Usage
 from worker.errors import ErrorCode
@@ -491,3 +491,91 @@ def test_usage_is_counted_per_account_from_rows_alone() -> None:
     assert set(found) == {"a", "b"}
     assert found["a"].in_flight == 1 and found["a"].reported_spend == 0.25
     assert found["b"].in_flight == 1 and found["b"].failed_today == 1
+
+
+def test_without_daily_budgets_only_the_slots_in_use_are_counted() -> None:
+    add_job("submitted", account="a")
+    add_job("completed", account="a", completed_at=T0, cost=0.25)
+    add_job("failed", account="a", completed_at=T0, error_code="upstream_rejected")
+    with session_scope() as session:
+        slots_only = capacity.usage_by_account(session, "piapi", T0, daily=False)
+    assert slots_only == {"a": Usage(in_flight=1)}
+    assert usage(T0)["a"] == Usage(1, 3, 1, 0.25, 0, 0)  # all three went upstream today
+
+
+# --------------------------------------------------------------------------- waking
+
+
+def wake(accounts: list[Account], now: datetime, at_least: int = 0) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return capacity.to_wake(session, accounts, now, at_least=at_least)
+
+
+def waiting(created: datetime, **fields: Any) -> uuid.UUID:
+    return add_job(created=created, waiting_reason="waiting for a slot", **fields)
+
+
+def test_a_free_slot_wakes_its_job_once_however_many_ends_ask() -> None:
+    main = account("main", max_in_flight=2)
+    add_job("submitted", account="main")
+    first, second, third = (waiting(T0 - timedelta(seconds=s)) for s in (30, 20, 10))
+    assert wake([main], T0) == [first]  # one free slot
+    # Every later end reads the same free slot until the woken job is admitted: the
+    # job on its way is not sent again, and nobody behind it is woken for its slot.
+    assert wake([main], T0 + timedelta(seconds=1)) == []
+    assert wake([main], T0 + timedelta(seconds=2)) == []
+    # Two ended: two slots free, one of them already on its way.
+    with session_scope() as session:
+        session.execute(
+            Job.__table__.update().where(Job.status == "submitted").values(status="completed")
+        )
+    assert wake([main], T0 + timedelta(seconds=3)) == [second]
+    assert third not in wake([main], T0 + timedelta(seconds=4))
+
+
+def test_a_wake_whose_message_was_lost_is_sent_again_after_its_transit_time() -> None:
+    main = account("main", max_in_flight=1)
+    head = waiting(T0 - timedelta(seconds=30))
+    assert wake([main], T0) == [head]
+    later = T0 + capacity.WAKE_IN_TRANSIT
+    assert wake([main], later - timedelta(milliseconds=1)) == []
+    assert wake([main], later) == [head]
+
+
+def test_a_woken_job_that_found_no_room_is_back_in_line_at_once() -> None:
+    main = account("main", max_in_flight=1)
+    head = waiting(T0 - timedelta(seconds=30))
+    assert wake([main], T0) == [head]
+    with session_scope() as session:  # its admission lost the slot to another job
+        assert jobs.set_waiting(session, head, "waiting for a slot", T0, announce=False)
+    assert wake([main], T0 + timedelta(seconds=1)) == [head]
+
+
+def test_the_sweep_wakes_the_head_without_room_unless_it_is_on_its_way() -> None:
+    main = account("main", max_in_flight=1)
+    add_job("submitted", account="main")
+    head = waiting(T0 - timedelta(seconds=30))
+    assert wake([main], T0) == []
+    assert wake([main], T0, at_least=1) == [head]
+    assert wake([main], T0 + timedelta(seconds=1), at_least=1) == []
+
+
+def test_an_admitted_job_wakes_the_next_but_never_itself() -> None:
+    asking = waiting(T0 - timedelta(seconds=30))
+    behind = waiting(T0 - timedelta(seconds=20))
+    with session_scope() as session:
+        assert capacity.wake_next(session, "piapi", 1, T0, but=asking) == [behind]
+        assert capacity.wake_next(session, "piapi", 0, T0) == []
+
+
+def test_a_job_deep_in_a_long_line_surely_waits_and_only_then() -> None:
+    slotted = [account("a", max_in_flight=3, max_staged=1), account("b", max_in_flight=3)]
+    deep = 4 + 3 + capacity.MAX_WAKE  # every slot, staged ones too, and a margin
+    assert capacity.surely_waits(slotted, deep - 1) is None  # admission must decide
+    assert capacity.surely_waits(slotted, deep) == (
+        f"waiting for a slot: {deep} earlier jobs of piapi go first"
+    )
+    # An account without a slot limit could take any number: only admission can tell.
+    unlimited = [account("a", max_in_flight=3), account("b", requests_per_minute=60)]
+    assert capacity.surely_waits(unlimited, 10_000) is None
+    assert capacity.surely_waits([], 10_000) is None
