@@ -25,7 +25,7 @@ from sqlalchemy import ColumnElement, Select, func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker import jobs
+from worker import capacity, jobs
 from worker import runtime as runtimes
 from worker.celery_app import build_runtime, send_submit
 from worker.config import get_settings
@@ -338,9 +338,29 @@ def submit_or_replay(
             raise
         return Submission(existing, created=False)
 
-    send_submit(job.id, provider)
+    events = [accepted]
+    waiting = _join_the_line(rt, job)
+    if waiting is None:
+        send_submit(job.id, provider)
+    else:
+        events.append(waiting)
     # What was just written, as written: no read-back.
-    return Submission(JobInfo.from_row(job, [accepted]), created=True)
+    return Submission(JobInfo.from_row(job, events), created=True)
+
+
+def _join_the_line(rt: Runtime, job: Job) -> JobEvent | None:
+    """A job of a provider with capacity limits, behind a line of waiting jobs, waits
+    at once and is sent no message: the line's wakes reach it in turn (see
+    jobs.wait_in_line). A burst of thousands of jobs then costs the workers nothing
+    until slots free. Never fatal: the job is written, and its message decides."""
+    if not capacity.limited(rt.providers.accounts(job.provider)):
+        return None
+    try:
+        with rt.autocommit() as session:
+            return jobs.wait_in_line(session, job, capacity.behind_the_line(job.provider), utcnow())
+    except Exception as exc:
+        log.warning("job %s: could not check its provider's line (%s)", job.id, exc)
+        return None
 
 
 def request_fingerprint(

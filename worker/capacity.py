@@ -88,6 +88,7 @@ class Decision:
     ahead: int = 0  # jobs of the provider before this one in the queue
     room: bool = False  # waits only for earlier jobs, though an account has room now
     spare: int = 0  # admitted, and this many more could be now: wake as many
+    clean: bool = False  # admitted on an account with no failure noted: a success writes nothing
 
     @property
     def admitted(self) -> bool:
@@ -152,7 +153,7 @@ def admit(
             continue
         open_accounts.append((account, free, in_flight))
     if ahead is None:
-        ahead = jobs_ahead(session, job, now)
+        ahead = jobs_ahead(session, job, now, line_cap(accounts))
     if not open_accounts:
         if budget_policy == "fail" and blocks and all(b.budget for b in blocks):
             return Decision(reason=blocks[0].reason, fail=True, ahead=ahead)
@@ -160,7 +161,7 @@ def admit(
         return Decision(reason=_reason(blocks), until=min(timed) if timed else None, ahead=ahead)
     free_total = sum(free for _, free, _ in open_accounts)
     if ahead >= free_total:
-        return Decision(reason=_in_line(provider, ahead), ahead=ahead, room=True)
+        return Decision(reason=_in_line(accounts, ahead), ahead=ahead, room=True)
     # The most free slots; among unlimited accounts, the fewest in flight.
     account = max(open_accounts, key=lambda entry: (entry[1], -entry[2]))[0]
     _take_turns(session, account, states.get(account.name), now, job.id)
@@ -168,7 +169,9 @@ def admit(
     # turn is not spaced out by a rate (those would only wake to wait again).
     unpaced = sum(free for entry, free, _ in open_accounts if not paced(entry))
     spare = max(0.0, unpaced - ahead - 1) if not paced(account) else 0.0
-    return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)))
+    state = states.get(account.name)
+    clean = state is None or (state.failures == 0 and state.probe_job_id is None)
+    return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)), clean=clean)
 
 
 def room_now(
@@ -256,11 +259,18 @@ def surely_waits(accounts: Sequence[Account], ahead: int) -> str | None:
         return None
     if ahead < sum(limit or 0 for limit in slots) + MAX_WAKE:
         return None
-    return _in_line(accounts[0].provider, ahead)
+    return _in_line(accounts, ahead)
 
 
-def _in_line(provider: str, ahead: int) -> str:
-    return f"waiting for a slot: {ahead} earlier jobs of {provider} go first"
+def behind_the_line(provider: str) -> str:
+    """The reason of a new job that joins a line of waiting jobs (jobs.wait_in_line)."""
+    return f"waiting for a slot: earlier jobs of {provider} go first"
+
+
+def _in_line(accounts: Sequence[Account], ahead: int) -> str:
+    cap = line_cap(accounts)
+    place = f"{ahead}+" if cap is not None and ahead >= cap else str(ahead)
+    return f"waiting for a slot: {place} earlier jobs of {accounts[0].provider} go first"
 
 
 def held_at_most(limits: Limits) -> int | None:
@@ -458,9 +468,11 @@ def _array_length(session: Session, column: Any) -> Any:
     return func.json_array_length(column)
 
 
-def jobs_ahead(session: Session, job: Job, now: datetime) -> int:
+def jobs_ahead(session: Session, job: Job, now: datetime, at_most: int | None = None) -> int:
     """Queued jobs of the provider before ``job`` that nobody is submitting (FIFO,
-    higher priority first; a job waiting out its own retry backoff is not in line)."""
+    higher priority first; a job waiting out its own retry backoff is not in line),
+    counted up to ``at_most`` (:func:`line_cap`: a count that stops there decides the
+    same, and does not read the whole line for each job of a burst)."""
     before = or_(
         Job.priority > job.priority,
         and_(
@@ -471,8 +483,8 @@ def jobs_ahead(session: Session, job: Job, now: datetime) -> int:
             ),
         ),
     )
-    count = session.scalar(
-        select(func.count())
+    line = (
+        select(literal(1))
         .select_from(Job)
         .where(
             Job.provider == job.provider,
@@ -484,7 +496,25 @@ def jobs_ahead(session: Session, job: Job, now: datetime) -> int:
             before,
         )
     )
+    if at_most is not None:
+        line = line.limit(at_most)
+    count = session.scalar(select(func.count()).select_from(line.subquery()))
     return int(count or 0)
+
+
+# Places in line shown exactly in a waiting reason ("37 earlier jobs"); beyond, "100+".
+PLACES_SHOWN = 100
+
+
+def line_cap(accounts: Sequence[Account]) -> int | None:
+    """How far a job's place in line needs counting: past every slot of the provider's
+    accounts (staged ones too) and MAX_WAKE more, admission and :func:`surely_waits`
+    decide alike, and PLACES_SHOWN are shown. None: an account without a slot limit
+    could take any number of jobs, so the whole line counts."""
+    slots = [held_at_most(account.limits) for account in accounts]
+    if not slots or any(limit is None for limit in slots):
+        return None
+    return max(sum(limit or 0 for limit in slots) + MAX_WAKE, PLACES_SHOWN)
 
 
 def _take_turns(

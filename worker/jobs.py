@@ -530,6 +530,50 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
+def wait_in_line(session: Session, job: Job, reason: str, now: datetime) -> JobEvent | None:
+    """A new job waits at once, with ``reason`` and its event, when a job at least as
+    urgent already waits in its provider's line (None: the line is empty, or holds only
+    less urgent jobs; the job's own submit message then decides).
+
+    First in, first out puts it behind that one, and the line's wakes (a slot freed, a
+    rate turn, the sweep) reach it in turn: asking admission now would only say "wait",
+    at the cost of a message and a task each, for every job of a burst. One conditional
+    write decides; the job is then not woken before its turn comes."""
+    waiting = JOBS.alias("waiting")
+    ahead = (
+        select(literal(1))
+        .select_from(waiting)
+        .where(
+            waiting.c.provider == job.provider,
+            waiting.c.status == JobStatus.QUEUED.value,
+            waiting.c.waiting_reason.is_not(None),
+            waiting.c.create_started_at.is_(None),
+            or_(waiting.c.claimed_until.is_(None), waiting.c.claimed_until <= now),
+            waiting.c.priority >= job.priority,
+            waiting.c.id != job.id,
+        )
+        .exists()
+    )
+    marked = session.execute(  # type: ignore[attr-defined]
+        update(JOBS)
+        .where(
+            JOBS.c.id == job.id,
+            JOBS.c.status == JobStatus.QUEUED.value,
+            JOBS.c.waiting_reason.is_(None),
+            ahead,
+        )
+        .values(waiting_reason=reason[:255], updated_at=now)
+    ).rowcount
+    if not marked:
+        return None
+    event = _event_row(now, Source.API, EventKind.INFO, JobStatus.QUEUED, JobStatus.QUEUED, reason)
+    event_id = session.execute(
+        _INSERT_FIRST_EVENT, {"job_id": job.id} | {f"event_{k}": v for k, v in event.items()}
+    ).scalar_one()
+    job.waiting_reason = reason[:255]
+    return JobEvent(id=event_id, job_id=job.id, **event)
+
+
 def set_waiting(
     session: Session, job_id: uuid.UUID, reason: str, now: datetime, *, announce: bool = True
 ) -> bool:

@@ -74,6 +74,10 @@ class Claim:
     row: Job  # the job as the claim wrote it (lets the answer be written without a read)
     account: Account  # the account capacity admitted it on (its key creates the task)
     limited: bool = False  # the provider has capacity limits: outcomes feed its breaker
+    # Admitted on an account whose breaker had nothing noted (no failure, no probe): a
+    # success leaves it so, and is not written (a failure another job notes meanwhile
+    # is cleared by the next success admitted after it).
+    breaker_clean: bool = False
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,7 @@ def _admit(
         now = utcnow()
         if job is None or not jobs.claimable(job, now):
             return _not_claimed(job_id, runtime, held_retries, job)
-        ahead = capacity.jobs_ahead(session, job, now)
+        ahead = capacity.jobs_ahead(session, job, now, capacity.line_cap(accounts))
     certain = capacity.surely_waits(accounts, ahead)
     if certain is not None:
         with runtime.session() as session:
@@ -278,6 +282,8 @@ def _admit(
             claim = claim_for_submit(
                 job_id, runtime, mark_create=True, account=decision.account, session=session
             )
+            if claim is not None:
+                claim = replace(claim, breaker_clean=decision.clean)
             if claim is None:
                 # Claimed by another worker since the read: the rate turns taken for
                 # this job are given back with the transaction.
@@ -409,7 +415,7 @@ def _account_outcome(
 ) -> None:
     """Tell the account's breaker how its create went; a 429 pauses the whole account
     until Retry-After. Only for providers with capacity limits; never fatal."""
-    if not claim.limited:
+    if not claim.limited or (not transient and claim.breaker_clean):
         return
     settings = runtime.settings
     now = utcnow()

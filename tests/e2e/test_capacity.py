@@ -46,6 +46,7 @@ from worker import capacity
 from worker.api import JobInfo, cancel_job, get_job, submit_variation
 from worker.celery_app import send_submit
 from worker.devstack import SANDBOX_KEY, Stack, free_port, sandbox_env
+from worker.job_stats import wait_reason_kind
 from worker.models import utcnow
 from worker.runtime import session_scope
 
@@ -446,10 +447,16 @@ class TestOneAccountPerProvider:
                 "both downloads to hang",
             )
             queued = [submit_variation("lemondata", image=images.url(f"y{i}")) for i in range(3)]
-            reason = "waiting for a slot: 2/2 in flight on lemondata/main"
+            # Each waits for a slot: asked by admission ("2/2 in flight"), or, once one
+            # waits, joining the line behind it at submission ("earlier jobs go first").
             single.wait_for(
-                lambda: all(get_job(q.id).waiting_reason == reason for q in queued),
+                lambda: all(
+                    wait_reason_kind(get_job(q.id).waiting_reason) == "slot" for q in queued
+                ),
                 "the others to wait",
+            )
+            assert get_job(queued[0].id).waiting_reason == (
+                "waiting for a slot: 2/2 in flight on lemondata/main"
             )
             victims = {pid_of_client(port, images.server.server_address[1]) for port in ports}
             # Pool processes of the deployment's workers, not anything else.

@@ -579,3 +579,34 @@ def test_a_job_deep_in_a_long_line_surely_waits_and_only_then() -> None:
     unlimited = [account("a", max_in_flight=3), account("b", requests_per_minute=60)]
     assert capacity.surely_waits(unlimited, 10_000) is None
     assert capacity.surely_waits([], 10_000) is None
+
+
+def test_a_place_deep_in_line_is_counted_only_as_far_as_it_decides() -> None:
+    main = account("main", max_in_flight=1)
+    for seconds in range(capacity.PLACES_SHOWN + 5):
+        add_job(created=T0 - timedelta(hours=1) + timedelta(seconds=seconds))
+    last = add_job(created=T0 - timedelta(minutes=1))
+    decision = admit(last, main, T0)  # a free slot, for the first of the others
+    assert decision.ahead == capacity.PLACES_SHOWN
+    assert decision.reason == (
+        f"waiting for a slot: {capacity.PLACES_SHOWN}+ earlier jobs of piapi go first"
+    )
+    # Without a slot limit on every account, the whole line is counted.
+    unlimited = [main, account("spare", requests_per_minute=60)]
+    with session_scope() as session:
+        job = session.get(Job, last)
+        assert job is not None
+        cap = capacity.line_cap(unlimited)
+        assert cap is None
+        assert capacity.jobs_ahead(session, job, T0, cap) == capacity.PLACES_SHOWN + 5
+
+
+def test_an_admission_says_whether_the_accounts_breaker_had_anything_noted() -> None:
+    main = account("main", max_in_flight=5)
+    job = add_job()
+    assert admit(job, main, T0).clean
+    with session_scope() as session:
+        capacity.record_outcome(
+            session, main, job, transient_failure=True, now=T0, threshold=5, cooldown=60
+        )
+    assert not admit(add_job(), main, T0).clean

@@ -1,0 +1,76 @@
+"""A new job behind a line of waiting jobs waits at once, and is sent no message
+(worker/api.py, jobs.wait_in_line): a burst of thousands of jobs then costs the workers
+nothing until slots free, and the line's wakes reach each job in turn.
+
+Real databases (SQLite and PostgreSQL) and a real Redis broker on a queue of the test's
+own, whose length says which jobs were sent a submit message.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from tests.conftest import Configure
+from worker import capacity, jobs
+from worker.api import submit_variation
+from worker.models import Job, utcnow
+from worker.runtime import current, session_scope
+
+PIAPI = {"origin_task_id": "imagine-9", "index": "4", "prompt": "a yellow bird"}
+BEHIND = "waiting for a slot: earlier jobs of piapi go first"
+
+
+@pytest.fixture(params=["sqlite_url", pytest.param("pg_url", marks=pytest.mark.services)])
+def broker(request: pytest.FixtureRequest, redis_url: str, configure: Configure) -> redis.Redis:
+    request.getfixturevalue(request.param)
+    settings = configure(broker_url=redis_url, queue=f"variflow-line-{uuid.uuid4().hex[:8]}")
+    configure(piapi_max_in_flight=1)
+    client = redis.Redis.from_url(redis_url)
+    client.delete(settings.queue)
+    return client
+
+
+def sent(client: redis.Redis) -> int:
+    """Submit messages waiting in the test's queue."""
+    return int(client.llen(current().settings.queue))
+
+
+def waits(job_id: uuid.UUID) -> None:
+    """What admission leaves on a job it made wait."""
+    with session_scope() as session:
+        assert jobs.set_waiting(session, job_id, "waiting for a slot: 1/1 in flight", utcnow())
+
+
+def test_a_job_behind_waiting_ones_waits_at_once_without_a_message(broker: redis.Redis) -> None:
+    first = submit_variation("piapi", **PIAPI)
+    assert first.waiting_reason is None and sent(broker) == 1  # an empty line: admission decides
+    waits(first.id)
+
+    behind = submit_variation("piapi", **PIAPI)
+    assert sent(broker) == 1  # no message: the line's wakes reach it
+    assert behind.waiting_reason == BEHIND
+    assert [event.message for event in behind.events] == ["accepted", BEHIND]
+    with session_scope() as session:
+        row = session.get(Job, behind.id)
+        assert row is not None and row.waiting_reason == BEHIND
+
+    # Higher priority jumps the line: admission decides, as for an empty line.
+    urgent = submit_variation("piapi", priority=5, **PIAPI)
+    assert urgent.waiting_reason is None and sent(broker) == 2
+
+    # The line's wakes reach the jobs in turn: the first, then the one behind it.
+    with session_scope() as session:
+        accounts = current().providers.accounts("piapi")
+        assert capacity.to_wake(session, accounts, utcnow()) == [first.id]
+        assert capacity.wake_next(session, "piapi", 5, utcnow(), but=first.id) == [behind.id]
+
+
+def test_a_provider_without_limits_has_no_line(broker: redis.Redis) -> None:
+    image = {"image_url": "https://example.com/cat.png"}
+    first = submit_variation("piclaza", **image)
+    waits(first.id)  # a row left waiting by an earlier configuration
+    later = submit_variation("piclaza", **image)
+    assert later.waiting_reason is None and sent(broker) == 2
