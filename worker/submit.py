@@ -282,13 +282,12 @@ def _admit(
             claim = claim_for_submit(
                 job_id, runtime, mark_create=True, account=decision.account, session=session
             )
-            if claim is not None:
-                claim = replace(claim, breaker_clean=decision.clean)
             if claim is None:
                 # Claimed by another worker since the read: the rate turns taken for
                 # this job are given back with the transaction.
                 session.rollback()
                 return None
+            claim = replace(claim, breaker_clean=decision.clean)
             # As many more as there is room for now; and on an account whose creates
             # are spaced by a rate, the next in line, to wait for its turn on a timer
             # (a slot is refilled by the end of the job holding it, not from here).
