@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.conftest import Configure
-from tests.e2e.conftest import serving_png
+from tests.e2e.conftest import STOP_TIMEOUT, serving_png
 from worker import tokens
 from worker.cli import cli
 from worker.devstack import Stack, free_port, sandbox_env
@@ -137,12 +137,13 @@ def api(
         with pytest.MonkeyPatch.context() as patch:
             for name in [n for n in os.environ if n.startswith("VARIFLOW_") and "TEST" not in n]:
                 patch.delenv(name)
-            stack = Stack(env, home / "logs")
+            stack = Stack(env, home / "logs", stop_timeout=STOP_TIMEOUT)
             try:
-                # Two gunicorn processes of 4 threads: concurrent requests really race.
-                stack.start_web(web_port, workers=2)
+                # The worker and beat first: their start-up overlaps the web app's.
                 stack.start_worker(concurrency=4)
                 stack.start_beat()
+                # Two gunicorn processes of 4 threads: concurrent requests really race.
+                stack.start_web(web_port, workers=2)
             except BaseException:
                 stack.stop()
                 raise

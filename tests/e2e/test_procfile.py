@@ -5,6 +5,9 @@ PostgreSQL and Redis with the configuration in an env file, from a VARIFLOW_HOME
 does not exist yet (each process makes the folders it uses); a job submitted through
 the CLI (`honcho run variflow submit ...`) completes, with the provider's webhook
 arriving at the `web` process; Flower answers only with its basic auth.
+
+The module's tests share one honcho (its start is most of their time): neither stops
+nor changes a process, and each waits for what it needs.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import pytest
 
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
+from tests.e2e.conftest import empty_database
 from worker.devstack import free_port, sandbox_env
 
 pytestmark = pytest.mark.e2e
@@ -194,21 +198,27 @@ def _stop(honcho: subprocess.Popen[bytes]) -> None:
         raise AssertionError("processes left behind after honcho stopped:\n" + "\n".join(described))
 
 
-@pytest.fixture
-def procfile_stack(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[ProcfileStack]:
+@pytest.fixture(scope="module")
+def procfile_stack(
+    pg_server_url: str, redis_server_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProcfileStack]:
+    empty_database(pg_server_url)
+    tmp_path = tmp_path_factory.mktemp("procfile")
     config = SandboxConfig(pending_seconds=0.2, processing_seconds=0.4, seed=11)
     with SandboxServer(config=config) as sandbox:
         base_port = _free_base_port()
         web_url = f"http://127.0.0.1:{base_port}"
         flower_url = f"http://127.0.0.1:{base_port + HONCHO_PORT_STEP}"
         # The app's configuration lives in an env file, as in a honcho deployment:
-        # the database and queue of this test (set by the fixtures), the public URL
-        # of `web`, the providers pointed at the sandbox, Flower's credentials.
-        app_env = {k: v for k, v in os.environ.items() if k.startswith("VARIFLOW_")}
+        # the session's database, a queue of the module's own, the public URL of
+        # `web`, the providers pointed at the sandbox, Flower's credentials.
         # A home nothing has made yet: on PostgreSQL + Redis no folder exists before
-        # the processes start (the fixtures' own home was made by their runtime).
+        # the processes start.
         home = tmp_path / "procfile-home"
-        app_env.update(
+        app_env = dict(
+            VARIFLOW_DATABASE_URL=pg_server_url,
+            VARIFLOW_BROKER_URL=redis_server_url,
+            VARIFLOW_QUEUE=f"variflow-test-{uuid.uuid4().hex[:8]}",
             VARIFLOW_HOME=str(home),
             VARIFLOW_PUBLIC_URL=web_url,
             VARIFLOW_FLOWER_BASIC_AUTH=f"{FLOWER_USER}:{FLOWER_PASSWORD}",

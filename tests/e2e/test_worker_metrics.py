@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.conftest import Configure
+from tests.e2e.conftest import STOP_TIMEOUT
 from worker.api import JobInfo, get_job, submit_variation
 from worker.devstack import Stack, free_port, sandbox_env
 
@@ -128,9 +129,9 @@ def test_a_worker_serves_its_childrens_samples_and_the_web_app_only_its_own(
     env["VARIFLOW_WORKER_METRICS_HOST"] = "127.0.0.1"
     worker_url = f"http://127.0.0.1:{metrics_port}/metrics"
     home = Path(env["VARIFLOW_HOME"])
-    with Stack(env, tmp_path / "logs") as stack:
+    with Stack(env, tmp_path / "logs", stop_timeout=STOP_TIMEOUT) as stack:
+        stack.start("worker", worker_argv())  # first: its start-up overlaps the web app's
         web_url = stack.start_web(web_port, workers=1)  # the same VARIFLOW_HOME
-        stack.start("worker", worker_argv())
         wait_until(stack, lambda: scrape(worker_url) is not None, "the worker's /metrics")
 
         run_jobs(stack, 2)
@@ -154,7 +155,9 @@ def test_a_worker_serves_its_childrens_samples_and_the_web_app_only_its_own(
         assert not writers(home / "metrics" / "web") & first_run
 
         # A restart empties the worker's folder: its counters start again from zero.
-        stack.stop("worker")
+        # A clean stop, as an operator's restart (the stack's short stop_timeout is
+        # for the teardown): up to Stack's default 15 s.
+        stack.stop("worker", timeout=15.0)
         stack.start("worker", worker_argv())
         wait_until(stack, lambda: scrape(worker_url) is not None, "the restarted worker's /metrics")
         samples = scrape(worker_url)

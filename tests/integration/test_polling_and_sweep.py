@@ -195,7 +195,9 @@ def test_jobs_waiting_for_slots_keep_the_polls_of_the_slot_holders_steady(
     settings = configure(
         piclaza_max_in_flight=1, poll_backoff_start=1, poll_backoff_factor=4, poll_backoff_cap=600
     )
-    sandbox.state.update_config(processing_seconds=600)
+    # Started at once and slow: no poll of the test sees a change (a change resets the
+    # backoff, which would hide the difference asserted below).
+    sandbox.state.update_config(pending_seconds=0, processing_seconds=600)
     holder, waiting = _submitted_piclaza_jobs(2, png)
     assert get_job(waiting).waiting_reason == "waiting for a slot: 1/1 in flight on piclaza/main"
 
