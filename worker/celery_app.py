@@ -182,6 +182,18 @@ def send_poll_batch(provider: str, job_ids: Sequence[uuid.UUID], expires: float)
     app.send_task(POLL_BATCH, args=(provider, [str(i) for i in job_ids]), expires=expires)
 
 
+def send_first_poll(job_id: uuid.UUID, provider: str, countdown: float) -> None:
+    """A just-submitted job's first poll, at the time its plan says (beat's tick would
+    come up to a poll interval later); it leases the job itself (polling.poll_jobs)."""
+    app.send_task(
+        POLL_BATCH,
+        args=(provider, [str(job_id)]),
+        kwargs={"lease_first": True},
+        countdown=countdown,
+        expires=countdown + _settings().poll_lease,
+    )
+
+
 def send_application_task(name: str, args: list[str], kwargs: dict[str, str], queue: str) -> None:
     """The application's own task, sent when its job ends (finalize)."""
     app.send_task(name, args=args, kwargs=kwargs, queue=queue)

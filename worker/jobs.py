@@ -1098,6 +1098,26 @@ def lease_due(
     return rows
 
 
+def lease_these(
+    session: Session, job_ids: Sequence[uuid.UUID], *, lease: timedelta, now: datetime
+) -> list[uuid.UUID]:
+    """Lease the given jobs for a poll, but those another poll holds (their next poll is
+    a lease ahead, beyond RETRY_TOLERANCE): a poll sent for a job's first answer and
+    beat's own lease of it never both ask the provider."""
+    leased = session.execute(
+        update(JOBS)
+        .where(
+            JOBS.c.id.in_(list(job_ids)),
+            JOBS.c.status.in_(ACTIVE),
+            JOBS.c.upstream_task_id.is_not(None),
+            JOBS.c.next_poll_at <= now + RETRY_TOLERANCE,
+        )
+        .values(next_poll_at=now + lease)
+        .returning(JOBS.c.id)
+    )
+    return [row.id for row in leased]
+
+
 def renew_leases(
     session: Session, job_ids: Iterable[uuid.UUID], lease: timedelta, now: datetime
 ) -> None:

@@ -90,8 +90,22 @@ class _Leases:
         self.waiting.difference_update(job_ids)
 
 
-def poll_jobs(provider_name: str, job_ids: Sequence[uuid.UUID], runtime: Runtime) -> None:
-    """Poll leased jobs and apply the answers; a provider batch is one request."""
+def poll_jobs(
+    provider_name: str,
+    job_ids: Sequence[uuid.UUID],
+    runtime: Runtime,
+    *,
+    lease_first: bool = False,
+) -> None:
+    """Poll leased jobs and apply the answers; a provider batch is one request.
+    ``lease_first``: the jobs are leased here, not by beat (a job's first poll, sent
+    with its submission: submit.first_poll_in); those another poll holds are left."""
+    if lease_first:
+        lease = timedelta(seconds=runtime.settings.poll_lease)
+        with runtime.autocommit() as session:
+            job_ids = jobs.lease_these(session, job_ids, lease=lease, now=utcnow())
+        if not job_ids:
+            return
     plan = plan_for(runtime.providers.get(provider_name), runtime)
     if _slots_awaited(provider_name, runtime):
         plan = plan.steady()

@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -50,7 +50,7 @@ from worker.errors import (
 )
 from worker.heartbeat import heartbeat
 from worker.images import fetch_image
-from worker.jobs import NOT_RESENT, PollPlan
+from worker.jobs import NOT_RESENT, PollPlan, PollReason
 from worker.models import Job, utcnow
 from worker.providers.base import InputImage, Provider, Submission, SubmitRequest
 from worker.results import store_inline
@@ -84,11 +84,13 @@ class Claim:
 class SubmitOutcome:
     """What the caller must do next: retry after ``retry_in`` seconds (carrying the
     provider's answer ``carry`` when it is set), and/or cancel ``orphan`` (a task
-    created upstream that the job does not follow)."""
+    created upstream that the job does not follow), and/or poll the job after
+    ``poll_in`` seconds (:func:`first_poll_in`)."""
 
     retry_in: float | None = None
     orphan: str | None = None
     carry: dict[str, Any] | None = None
+    poll_in: float | None = None  # send the job's first poll in this many seconds
 
 
 NOTHING_TO_DO = SubmitOutcome()
@@ -597,7 +599,12 @@ def _record(
     if claimed is not None and not adapter.supports_webhook:
         with runtime.autocommit() as session:
             if jobs.record_untouched_submission(session, claimed, state, plan, poll_url=poll_url):
-                return NOTHING_TO_DO  # the job follows the task it was given
+                # The job follows the task it was given (and is polled first by a message
+                # sent with it, for a polled provider with slot limits).
+                if state.status is not JobStatus.SUBMITTED:
+                    return NOTHING_TO_DO
+                accounts = runtime.providers.accounts(provider)
+                return SubmitOutcome(poll_in=first_poll_in(adapter, accounts, runtime))
     try:  # no lock held: the row is read and the write guarded by what was read
         with runtime.autocommit() as session:
             job = jobs.record_submission(
@@ -613,6 +620,18 @@ def _record(
     # where the provider can, or it runs, and bills, for nothing.
     orphaned = bool(task_id) and task_id != job.upstream_task_id and adapter.can_cancel
     return SubmitOutcome(orphan=task_id if orphaned else None)
+
+
+def first_poll_in(adapter: Provider, accounts: Sequence[Account], runtime: Runtime) -> float | None:
+    """Seconds until a just-submitted job's first poll, when it is sent with the job
+    (None: beat's next tick leases it). Only for a polled provider with slot limits: its
+    slot frees only when a poll sees the job end, and a poll leased by beat comes up to
+    a whole VARIFLOW_POLL_INTERVAL after the job is due."""
+    if adapter.supports_webhook or all(a.limits.max_in_flight is None for a in accounts):
+        return None
+    now = utcnow()
+    plan = PollPlan.of(runtime.settings, adapter.webhook_grace)
+    return (plan.next_at(PollReason.SUBMITTED, now) - now).total_seconds()
 
 
 def _write(write: Callable[[], T], for_seconds: float) -> T:

@@ -48,6 +48,11 @@ def submit_job(
         provider=provider,
         wake=lambda ids: [queue.send_submit(i, provider) for i in ids],
     )
+    if outcome.poll_in is not None:
+        try:
+            queue.send_first_poll(uuid.UUID(job_id), provider, outcome.poll_in)
+        except Exception as exc:  # beat's next tick leases the job as any other
+            log.warning("job %s: could not send its first poll (%s)", job_id, exc)
     if outcome.orphan:
         try:
             queue.send_cancel_upstream(uuid.UUID(job_id), provider, outcome.orphan)
@@ -87,9 +92,10 @@ def poll_due() -> int:
 
 
 @app.task(name=queue.POLL_BATCH, **RETRY_WHILE_DB_DOWN)
-def poll_batch(provider: str, job_ids: list[str]) -> None:
-    """Poll a leased batch of one provider's jobs; safe to run twice (the lease moved on)."""
-    poll_jobs(provider, [uuid.UUID(i) for i in job_ids], worker_runtime())
+def poll_batch(provider: str, job_ids: list[str], lease_first: bool = False) -> None:
+    """Poll a leased batch of one provider's jobs; safe to run twice (the lease moved on).
+    ``lease_first``: a job's first poll, sent with its submission: leased here."""
+    poll_jobs(provider, [uuid.UUID(i) for i in job_ids], worker_runtime(), lease_first=lease_first)
 
 
 @app.task(name=queue.SWEEP)
