@@ -9,6 +9,7 @@ PostgreSQL both, since slots and budgets are counted by one SQL query on each.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -610,3 +611,29 @@ def test_an_admission_says_whether_the_accounts_breaker_had_anything_noted() -> 
             session, main, job, transient_failure=True, now=T0, threshold=5, cooldown=60
         )
     assert not admit(add_job(), main, T0).clean
+
+
+def test_many_processes_asking_at_once_wake_a_free_slots_job_once(database: str) -> None:
+    """Every end of a busy provider asks for the head of the line at about the same
+    moment: the first picks it, the others find it on its way (PostgreSQL: the rows are
+    locked in line order and read again; SQLite: writers take turns)."""
+    main = account("main", max_in_flight=1)
+    line = [waiting(T0 - timedelta(seconds=60 - i)) for i in range(5)]
+    barrier = threading.Barrier(8)
+    woken: list[uuid.UUID] = []
+    errors: list[BaseException] = []
+
+    def ask() -> None:
+        try:
+            barrier.wait(timeout=30)
+            woken.extend(wake([main], T0))
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert woken == [line[0]]
