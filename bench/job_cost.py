@@ -172,7 +172,9 @@ def run_jobs(
     """
     ids = [make(i).id for i in range(n)]
     for job_id in ids:
-        submit(job_id, rt)
+        # As the task does: its message names the provider (worker/celery_app.send_submit),
+        # so the flow does not read it from the row.
+        submit(job_id, rt, provider=provider)
     deadline = time.monotonic() + 120
     while unfinished(observer, ids):
         if time.monotonic() > deadline:
