@@ -339,7 +339,7 @@ def submit_or_replay(
         return Submission(existing, created=False)
 
     events = [accepted]
-    waiting = _join_the_line(rt, job)
+    waiting = _join_the_line(rt, job)  # sends the submit message itself when it must
     if waiting is None:
         send_submit(job.id, provider)
     else:
@@ -352,12 +352,25 @@ def _join_the_line(rt: Runtime, job: Job) -> JobEvent | None:
     """A job of a provider with capacity limits, behind a line of waiting jobs, waits
     at once and is sent no message: the line's wakes reach it in turn (see
     jobs.wait_in_line). A burst of thousands of jobs then costs the workers nothing
-    until slots free. Never fatal: the job is written, and its message decides."""
+    until slots free. Not under the "fail" budget policy (a job must be asked, so that
+    a spent budget fails it at once). Never fatal: the job is written, and its message
+    decides."""
+    if rt.settings.budget_policy == "fail":
+        return None
     if not capacity.limited(rt.providers.accounts(job.provider)):
         return None
     try:
+        now = utcnow()
         with rt.autocommit() as session:
-            return jobs.wait_in_line(session, job, capacity.behind_the_line(job.provider), utcnow())
+            waiting = jobs.wait_in_line(session, job, now)
+        if waiting is None:
+            return None
+        with rt.autocommit() as session:
+            if jobs.still_behind(session, job, now):
+                return waiting
+        # The jobs ahead went while this one joined: their wakes may have missed it.
+        send_submit(job.id, job.provider)
+        return waiting
     except Exception as exc:
         log.warning("job %s: could not check its provider's line (%s)", job.id, exc)
         return None

@@ -88,7 +88,6 @@ class Decision:
     ahead: int = 0  # jobs of the provider before this one in the queue
     room: bool = False  # waits only for earlier jobs, though an account has room now
     spare: int = 0  # admitted, and this many more could be now: wake as many
-    clean: bool = False  # admitted on an account with no failure noted: a success writes nothing
 
     @property
     def admitted(self) -> bool:
@@ -169,9 +168,7 @@ def admit(
     # turn is not spaced out by a rate (those would only wake to wait again).
     unpaced = sum(free for entry, free, _ in open_accounts if not paced(entry))
     spare = max(0.0, unpaced - ahead - 1) if not paced(account) else 0.0
-    state = states.get(account.name)
-    clean = state is None or (state.failures == 0 and state.probe_job_id is None)
-    return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)), clean=clean)
+    return Decision(account=account, ahead=ahead, spare=int(min(spare, MAX_WAKE)))
 
 
 def room_now(
@@ -260,11 +257,6 @@ def surely_waits(accounts: Sequence[Account], ahead: int) -> str | None:
     if ahead < sum(limit or 0 for limit in slots) + MAX_WAKE:
         return None
     return _in_line(accounts, ahead)
-
-
-def behind_the_line(provider: str) -> str:
-    """The reason of a new job that joins a line of waiting jobs (jobs.wait_in_line)."""
-    return f"waiting for a slot: earlier jobs of {provider} go first"
 
 
 def _in_line(accounts: Sequence[Account], ahead: int) -> str:
@@ -597,6 +589,23 @@ def record_outcome(
     if failures >= threshold:
         values["opened_until"] = now + timedelta(seconds=cooldown)
     _upsert(session, account, values)
+
+
+def record_success(session: Session, account: Account, now: datetime) -> bool:
+    """A create that did not fail transiently closes the account's breaker: failures in a
+    row back to 0, no probe. :func:`record_outcome`'s success in one conditional write,
+    which changes nothing (and is the only statement) when nothing was noted, as for
+    nearly every create."""
+    cleared = session.execute(
+        update(AccountState)
+        .where(
+            AccountState.provider == account.provider,
+            AccountState.account == account.name,
+            or_(AccountState.failures > 0, AccountState.probe_job_id.is_not(None)),
+        )
+        .values(failures=0, opened_until=None, probe_job_id=None, updated_at=now)
+    ).rowcount  # type: ignore[attr-defined]
+    return bool(cleared)
 
 
 def _upsert(session: Session, account: Account, values: dict[str, object]) -> None:

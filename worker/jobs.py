@@ -530,19 +530,11 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
-def wait_in_line(session: Session, job: Job, reason: str, now: datetime) -> JobEvent | None:
-    """A new job waits at once, with ``reason`` and its event, when a job at least as
-    urgent already waits in its provider's line (None: the line is empty, or holds only
-    less urgent jobs; the job's own submit message then decides).
-
-    First in, first out puts it behind that one, and the line's wakes (a slot freed, a
-    rate turn, the sweep) reach it in turn: asking admission now would only say "wait",
-    at the cost of a message and a task each, for every job of a burst. One conditional
-    write decides; the job is then not woken before its turn comes."""
+def _line_ahead(job: Job, now: datetime) -> Any:
+    """Jobs at least as urgent as ``job`` waiting in its provider's line, first first."""
     waiting = JOBS.alias("waiting")
-    ahead = (
-        select(literal(1))
-        .select_from(waiting)
+    return (
+        select(waiting.c.waiting_reason)
         .where(
             waiting.c.provider == job.provider,
             waiting.c.status == JobStatus.QUEUED.value,
@@ -552,26 +544,49 @@ def wait_in_line(session: Session, job: Job, reason: str, now: datetime) -> JobE
             waiting.c.priority >= job.priority,
             waiting.c.id != job.id,
         )
-        .exists()
+        .order_by(waiting.c.priority.desc(), waiting.c.created_at, waiting.c.id)
+        .limit(1)
     )
-    marked = session.execute(  # type: ignore[attr-defined]
+
+
+def wait_in_line(session: Session, job: Job, now: datetime) -> JobEvent | None:
+    """A new job waits at once, with its event, when a job at least as urgent already
+    waits in its provider's line (None: the line is empty, or holds only less urgent
+    jobs; the job's own submit message then decides). Its reason is the first waiting
+    job's: why the line does not move (a slot, a rate, a pause, a budget).
+
+    First in, first out puts it behind that one, and the line's wakes (a slot freed, a
+    rate turn, the sweep) reach it in turn: asking admission now would only say "wait",
+    at the cost of a message and a task each, for every job of a burst. One conditional
+    write decides. The caller then checks :func:`still_behind`: the job ahead may have
+    been admitted, and its wake have missed this one, in the same instant."""
+    head_reason = _line_ahead(job, now).scalar_subquery()
+    reason = session.execute(
         update(JOBS)
         .where(
             JOBS.c.id == job.id,
             JOBS.c.status == JobStatus.QUEUED.value,
             JOBS.c.waiting_reason.is_(None),
-            ahead,
+            _line_ahead(job, now).exists(),
         )
-        .values(waiting_reason=reason[:255], updated_at=now)
-    ).rowcount
-    if not marked:
+        .values(waiting_reason=head_reason, updated_at=now)
+        .returning(JOBS.c.waiting_reason)
+    ).scalar()
+    if reason is None:
         return None
     event = _event_row(now, Source.API, EventKind.INFO, JobStatus.QUEUED, JobStatus.QUEUED, reason)
     event_id = session.execute(
         _INSERT_FIRST_EVENT, {"job_id": job.id} | {f"event_{k}": v for k, v in event.items()}
     ).scalar_one()
-    job.waiting_reason = reason[:255]
+    job.waiting_reason = reason
     return JobEvent(id=event_id, job_id=job.id, **event)
+
+
+def still_behind(session: Session, job: Job, now: datetime) -> bool:
+    """Whether a job that joined the line (:func:`wait_in_line`) still has a waiting job
+    ahead of it; if not, the ones it waited behind went meanwhile, and their wakes may
+    have come before it was in line: it must then be sent its own submit message."""
+    return bool(session.scalar(select(_line_ahead(job, now).exists())))
 
 
 def set_waiting(

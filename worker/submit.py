@@ -74,10 +74,6 @@ class Claim:
     row: Job  # the job as the claim wrote it (lets the answer be written without a read)
     account: Account  # the account capacity admitted it on (its key creates the task)
     limited: bool = False  # the provider has capacity limits: outcomes feed its breaker
-    # Admitted on an account whose breaker had nothing noted (no failure, no probe): a
-    # success leaves it so, and is not written (a failure another job notes meanwhile
-    # is cleared by the next success admitted after it).
-    breaker_clean: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,15 +232,20 @@ def _admit(
     # queues for the lock that the jobs refilling free slots need. What admission reads
     # from the row does not change while it waits (provider, priority, place in line,
     # deadline), and whether the job is still free to claim is decided by the claim's
-    # own conditional write. The place in line may shrink meanwhile (earlier jobs
-    # admitted): the job then waits one wake longer, and is never admitted early.
+    # own conditional write. The place in line may change meanwhile: earlier jobs
+    # admitted (the job then waits one wake longer), or, rarely, a more urgent job
+    # created or a claim lapsing ahead of it in that instant (it may then go first).
+    # Slots are counted under the lock: nothing is ever admitted beyond them.
     with runtime.autocommit() as session:
         job = session.get(Job, job_id)
         now = utcnow()
         if job is None or not jobs.claimable(job, now):
             return _not_claimed(job_id, runtime, held_retries, job)
         ahead = capacity.jobs_ahead(session, job, now, capacity.line_cap(accounts))
-    certain = capacity.surely_waits(accounts, ahead)
+    # Under the "fail" budget policy a job must be asked, not assumed to wait: a budget
+    # spent fails it at once.
+    failing = settings.budget_policy == "fail"
+    certain = None if failing else capacity.surely_waits(accounts, ahead)
     if certain is not None:
         with runtime.session() as session:
             _wait(session, job, certain, now)
@@ -269,9 +270,15 @@ def _admit(
         )
         if decision.fail:
             assert decision.reason is not None
-            jobs.refuse(session, job, ErrorCode.BUDGET_EXHAUSTED, decision.reason, now)
-            return NOTHING_TO_DO
-        if decision.account is None:
+            # Refused on the row as it is now (read again under the lock): another
+            # worker may have claimed the job, and be creating it, since the first read.
+            current = session.get(Job, job_id, populate_existing=True)
+            if current is None or not jobs.claimable(current, now):
+                return None
+            jobs.refuse(session, current, ErrorCode.BUDGET_EXHAUSTED, decision.reason, now)
+            outcome = NOTHING_TO_DO
+            to_wake = 1  # the next in line is refused too (or admitted), not left waiting
+        elif decision.account is None:
             assert decision.reason is not None
             _wait(session, job, decision.reason, now)
             timer = None
@@ -289,7 +296,6 @@ def _admit(
                 # this job are given back with the transaction.
                 session.rollback()
                 return None
-            claim = replace(claim, breaker_clean=decision.clean)
             # As many more as there is room for now; and on an account whose creates
             # are spaced by a rate, the next in line, to wait for its turn on a timer
             # (a slot is refilled by the end of the job holding it, not from here).
@@ -297,10 +303,15 @@ def _admit(
     # Committed, and the lock released: the next in line may be admitted now, by another
     # worker (never this job itself: it is claimed, or it would only wake itself again).
     if to_wake:
-        with runtime.autocommit() as session:
-            head = capacity.wake_next(session, provider, to_wake, utcnow(), but=job_id)
-        if head:
-            wake(head)
+        # Never fatal: the job's own outcome is committed (a claim with its create about
+        # to be sent must not be lost to an error here); the sweep wakes the line.
+        try:
+            with runtime.autocommit() as session:
+                head = capacity.wake_next(session, provider, to_wake, utcnow(), but=job_id)
+            if head:
+                wake(head)
+        except Exception as exc:
+            log.warning("could not wake %s's queue (%s); the sweep will", provider, exc)
     if claim is not None and waited:
         metrics.observe_capacity_wait(provider, (now - job.created_at).total_seconds())
     return outcome if outcome is not None else claim
@@ -416,11 +427,15 @@ def _account_outcome(
 ) -> None:
     """Tell the account's breaker how its create went; a 429 pauses the whole account
     until Retry-After. Only for providers with capacity limits; never fatal."""
-    if not claim.limited or (not transient and claim.breaker_clean):
+    if not claim.limited:
         return
     settings = runtime.settings
     now = utcnow()
     try:
+        if not transient:  # nearly every create: one statement, which writes nothing
+            with runtime.autocommit() as session:
+                capacity.record_success(session, claim.account, now)
+            return
         with runtime.session() as session:
             capacity.record_outcome(
                 session,

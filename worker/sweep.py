@@ -70,23 +70,6 @@ def sweep(runtime: Runtime) -> SweepReport:
         report.resent = list(resent)
         report.providers = {**expired.released, **resent}
         report.rescheduled = jobs.schedule_unscheduled(session, now, SWEEP_LIMIT, skip_locked)
-        # Jobs waiting for capacity are woken when a job ends or one is admitted; should
-        # such a wake be lost, the head of each limited provider's queue is woken here.
-        for provider in settings.provider_names:
-            accounts = runtime.providers.accounts(provider)
-            if capacity.limited(accounts):
-                # At least the head: a job waiting on a timer (a rate, a pause) whose
-                # retry message was lost is in line too.
-                head = capacity.to_wake(
-                    session,
-                    accounts,
-                    now,
-                    at_least=1,
-                    breaker_threshold=settings.breaker_threshold,
-                    breaker_cooldown=settings.breaker_cooldown,
-                )
-                report.woken += head
-                report.providers.update(dict.fromkeys(head, provider))
         report.refinalize = jobs.unfinished_after_the_end(
             session,
             now,
@@ -94,4 +77,26 @@ def sweep(runtime: Runtime) -> SweepReport:
             timedelta(seconds=settings.notify_retry_for),
             SWEEP_LIMIT,
         )
+    # Jobs waiting for capacity are woken when a job ends or one is admitted; should
+    # such a wake be lost, the head of each limited provider's queue is woken here. In
+    # a transaction of its own, once the rows failed above are unlocked: a wake locks
+    # the line in order, and holding an overdue job of the line meanwhile could
+    # deadlock with a worker's wake.
+    for provider in settings.provider_names:
+        accounts = runtime.providers.accounts(provider)
+        if not capacity.limited(accounts):
+            continue
+        with runtime.session() as session:
+            # At least the head: a job waiting on a timer (a rate, a pause) whose retry
+            # message was lost is in line too.
+            head = capacity.to_wake(
+                session,
+                accounts,
+                now,
+                at_least=1,
+                breaker_threshold=settings.breaker_threshold,
+                breaker_cooldown=settings.breaker_cooldown,
+            )
+        report.woken += head
+        report.providers.update(dict.fromkeys(head, provider))
     return report

@@ -602,15 +602,23 @@ def test_a_place_deep_in_line_is_counted_only_as_far_as_it_decides() -> None:
         assert capacity.jobs_ahead(session, job, T0, cap) == capacity.PLACES_SHOWN + 5
 
 
-def test_an_admission_says_whether_the_accounts_breaker_had_anything_noted() -> None:
+def test_a_success_closes_the_breaker_in_one_write_only_when_something_was_noted() -> None:
     main = account("main", max_in_flight=5)
+    with session_scope() as session:  # nothing noted: nothing written, not even a row
+        assert not capacity.record_success(session, main, T0)
+    assert state(main) is None
     job = add_job()
-    assert admit(job, main, T0).clean
     with session_scope() as session:
-        capacity.record_outcome(
-            session, main, job, transient_failure=True, now=T0, threshold=5, cooldown=60
-        )
-    assert not admit(add_job(), main, T0).clean
+        for _ in range(2):
+            capacity.record_outcome(
+                session, main, job, transient_failure=True, now=T0, threshold=5, cooldown=60
+            )
+    noted = state(main)
+    assert noted is not None and noted.failures == 2
+    with session_scope() as session:
+        assert capacity.record_success(session, main, T0)
+    cleared = state(main)
+    assert cleared is not None and (cleared.failures, cleared.probe_job_id) == (0, None)
 
 
 def test_many_processes_asking_at_once_wake_a_free_slots_job_once(database: str) -> None:

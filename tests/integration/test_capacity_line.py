@@ -9,6 +9,7 @@ own, whose length says which jobs were sent a submit message.
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
 import redis
@@ -20,7 +21,7 @@ from worker.models import Job, utcnow
 from worker.runtime import current, session_scope
 
 PIAPI = {"origin_task_id": "imagine-9", "index": "4", "prompt": "a yellow bird"}
-BEHIND = "waiting for a slot: earlier jobs of piapi go first"
+HEAD_REASON = "waiting for a slot: 1/1 in flight on piapi/main"
 
 
 @pytest.fixture(params=["sqlite_url", pytest.param("pg_url", marks=pytest.mark.services)])
@@ -41,7 +42,7 @@ def sent(client: redis.Redis) -> int:
 def waits(job_id: uuid.UUID) -> None:
     """What admission leaves on a job it made wait."""
     with session_scope() as session:
-        assert jobs.set_waiting(session, job_id, "waiting for a slot: 1/1 in flight", utcnow())
+        assert jobs.set_waiting(session, job_id, HEAD_REASON, utcnow())
 
 
 def test_a_job_behind_waiting_ones_waits_at_once_without_a_message(broker: redis.Redis) -> None:
@@ -51,11 +52,12 @@ def test_a_job_behind_waiting_ones_waits_at_once_without_a_message(broker: redis
 
     behind = submit_variation("piapi", **PIAPI)
     assert sent(broker) == 1  # no message: the line's wakes reach it
-    assert behind.waiting_reason == BEHIND
-    assert [event.message for event in behind.events] == ["accepted", BEHIND]
+    # Why the line does not move: the first waiting job's reason.
+    assert behind.waiting_reason == HEAD_REASON
+    assert [event.message for event in behind.events] == ["accepted", HEAD_REASON]
     with session_scope() as session:
         row = session.get(Job, behind.id)
-        assert row is not None and row.waiting_reason == BEHIND
+        assert row is not None and row.waiting_reason == HEAD_REASON
 
     # Higher priority jumps the line: admission decides, as for an empty line.
     urgent = submit_variation("piapi", priority=5, **PIAPI)
@@ -73,4 +75,29 @@ def test_a_provider_without_limits_has_no_line(broker: redis.Redis) -> None:
     first = submit_variation("piclaza", **image)
     waits(first.id)  # a row left waiting by an earlier configuration
     later = submit_variation("piclaza", **image)
+    assert later.waiting_reason is None and sent(broker) == 2
+
+
+def test_a_job_whose_line_went_while_it_joined_is_sent_its_message(broker: redis.Redis) -> None:
+    """The job ahead is admitted, and its wake finds nobody, in the instant the new job
+    joins: the new job is then sent its own message rather than left until the sweep."""
+    first = submit_variation("piapi", **PIAPI)
+    waits(first.id)
+    with session_scope() as session:
+        job = session.get(Job, first.id)
+        assert job is not None
+        ahead = Job(id=uuid.uuid4(), provider="piapi", priority=0)
+        assert jobs.still_behind(session, ahead, utcnow())
+        job.claim_token, job.claimed_until = "t", utcnow() + timedelta(seconds=30)
+    with session_scope() as session:
+        assert not jobs.still_behind(session, ahead, utcnow())
+
+
+def test_under_the_fail_policy_every_job_is_asked(
+    broker: redis.Redis, configure: Configure
+) -> None:
+    configure(piapi_max_in_flight=1, budget_policy="fail")
+    first = submit_variation("piapi", **PIAPI)
+    waits(first.id)
+    later = submit_variation("piapi", **PIAPI)
     assert later.waiting_reason is None and sent(broker) == 2
