@@ -13,12 +13,17 @@ from datetime import timedelta
 
 import pytest
 import redis
+from sqlalchemy.exc import OperationalError
 
+from sandbox.config import SandboxConfig
+from sandbox.server import SandboxServer
 from tests.conftest import Configure
 from worker import capacity, jobs
-from worker.api import submit_variation
+from worker.api import get_job, submit_variation
+from worker.devstack import sandbox_env
 from worker.models import Job, utcnow
 from worker.runtime import current, session_scope
+from worker.tasks import submit_job
 
 PIAPI = {"origin_task_id": "imagine-9", "index": "4", "prompt": "a yellow bird"}
 HEAD_REASON = "waiting for a slot: 1/1 in flight on piapi/main"
@@ -101,3 +106,29 @@ def test_under_the_fail_policy_every_job_is_asked(
     waits(first.id)
     later = submit_variation("piapi", **PIAPI)
     assert later.waiting_reason is None and sent(broker) == 2
+
+
+def test_an_error_waking_the_line_never_undoes_an_admission(
+    broker: redis.Redis,
+    configure: Configure,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The wake after an admission runs once the claim is committed: an error there (a
+    deadlock, a restart) must not stop the create, or the job would be left claimed and
+    unsent until the sweep failed it as an unknown outcome."""
+    with SandboxServer(config=SandboxConfig(seed=5)) as sandbox:
+        configure(
+            piclaza_max_in_flight=2,  # a free slot beyond this job: admission wakes the next
+            **{k.removeprefix("VARIFLOW_").lower(): v for k, v in sandbox_env(sandbox.url).items()},
+        )
+
+        def broken(*_: object, **__: object) -> list[uuid.UUID]:
+            raise OperationalError("UPDATE jobs", {}, Exception("deadlock detected"))
+
+        monkeypatch.setattr(capacity, "wake_next", broken)
+        job = submit_variation("piclaza", image_url="https://example.com/cat.png")
+        submit_job(str(job.id), provider="piclaza")
+        assert sandbox.state.stats()["creates"]["piclaza"] == 1
+    assert get_job(job.id).status == "submitted"
+    assert "could not wake piclaza's queue" in caplog.text
