@@ -363,9 +363,8 @@ def _join_the_line(rt: Runtime, job: Job) -> JobEvent | None:
         now = utcnow()
         with rt.autocommit() as session:
             waiting = jobs.wait_in_line(session, job, now)
-        if waiting is None:
-            return None
-        with rt.autocommit() as session:
+            if waiting is None:
+                return None
             if jobs.still_behind(session, job, now):
                 return waiting
         # The jobs ahead went while this one joined: their wakes may have missed it.

@@ -101,6 +101,12 @@ class _Block:
     budget: bool = False
 
 
+def slot_limited(accounts: Sequence[Account]) -> bool:
+    """Whether any account has slots: only then does a job's end free one, and only then
+    is a polled job's end worth noticing early."""
+    return any(account.limits.max_in_flight is not None for account in accounts)
+
+
 def limited(accounts: Sequence[Account]) -> bool:
     """Whether admission has anything to decide (several accounts, or any limit)."""
     return len(accounts) > 1 or any(not a.limits.unlimited for a in accounts)
@@ -623,17 +629,12 @@ def _upsert(session: Session, account: Account, values: dict[str, object]) -> No
 
 def waiting_head(session: Session, provider: str, limit: int, now: datetime) -> list[uuid.UUID]:
     """The first ``limit`` jobs of the provider's queue that wait for capacity."""
+    table = jobs.JOBS
     return list(
         session.scalars(
-            select(Job.id)
-            .where(
-                Job.provider == provider,
-                Job.status == JobStatus.QUEUED.value,
-                Job.waiting_reason.is_not(None),
-                Job.create_started_at.is_(None),
-                or_(Job.claimed_until.is_(None), Job.claimed_until <= now),
-            )
-            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            select(table.c.id)
+            .where(*jobs.in_line(table, provider, now))
+            .order_by(*jobs.line_order(table))
             .limit(limit)
         )
     )

@@ -32,7 +32,7 @@ from celery.signals import (
 )
 from kombu import pools as kombu_pools
 
-from worker import metrics, runtime
+from worker import capacity, metrics, runtime
 from worker.config import Settings, get_settings
 from worker.hooks import Consumer
 from worker.logs import bind, configure_logging, unbind
@@ -225,7 +225,7 @@ def wake_after_end(job: TerminalJob) -> None:
     # Only a slot is freed by a job's end (rates, budgets, pauses and the breaker end
     # with time, on the waiting head's timer): without slot limits there is nothing to
     # wake, and the webhook path reads nothing more.
-    if rt is None or not any(a.limits.max_in_flight for a in rt.providers.accounts(job.provider)):
+    if rt is None or not capacity.slot_limited(rt.providers.accounts(job.provider)):
         return
     try:
         woken = wake_for_room(job.provider, rt)

@@ -530,21 +530,34 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
+def in_line(table: Any, provider: str, now: datetime) -> tuple[Any, ...]:
+    """What puts a job of ``provider`` in its line (``table``: the jobs table or an alias):
+    queued and waiting for capacity, not being submitted by anyone."""
+    return (
+        table.c.provider == provider,
+        table.c.status == JobStatus.QUEUED.value,
+        table.c.waiting_reason.is_not(None),
+        table.c.create_started_at.is_(None),
+        or_(table.c.claimed_until.is_(None), table.c.claimed_until <= now),
+    )
+
+
+def line_order(table: Any) -> tuple[Any, ...]:
+    """First in line first: higher priority, then oldest."""
+    return (table.c.priority.desc(), table.c.created_at, table.c.id)
+
+
 def _line_ahead(job: Job, now: datetime) -> Any:
     """Jobs at least as urgent as ``job`` waiting in its provider's line, first first."""
     waiting = JOBS.alias("waiting")
     return (
         select(waiting.c.waiting_reason)
         .where(
-            waiting.c.provider == job.provider,
-            waiting.c.status == JobStatus.QUEUED.value,
-            waiting.c.waiting_reason.is_not(None),
-            waiting.c.create_started_at.is_(None),
-            or_(waiting.c.claimed_until.is_(None), waiting.c.claimed_until <= now),
+            *in_line(waiting, job.provider, now),
             waiting.c.priority >= job.priority,
             waiting.c.id != job.id,
         )
-        .order_by(waiting.c.priority.desc(), waiting.c.created_at, waiting.c.id)
+        .order_by(*line_order(waiting))
         .limit(1)
     )
 
@@ -646,15 +659,8 @@ def wake_waiting(
     good once ``in_transit`` has passed."""
     line = (
         select(JOBS.c.id)
-        .where(
-            JOBS.c.provider == provider,
-            JOBS.c.status == JobStatus.QUEUED.value,
-            JOBS.c.waiting_reason.is_not(None),
-            JOBS.c.create_started_at.is_(None),
-            or_(JOBS.c.claimed_until.is_(None), JOBS.c.claimed_until <= now),
-            *([JOBS.c.id != but] if but is not None else []),
-        )
-        .order_by(JOBS.c.priority.desc(), JOBS.c.created_at, JOBS.c.id)
+        .where(*in_line(JOBS, provider, now), *([JOBS.c.id != but] if but is not None else []))
+        .order_by(*line_order(JOBS))
         .limit(count)
     )
     if is_postgres(session):
@@ -884,14 +890,8 @@ def claim_lapses_at(job: Job) -> datetime | None:
 def claim_expiry(session: Session, job_id: uuid.UUID) -> datetime | None:
     """When another worker's claim on a queued job lapses, if the job can then be claimed
     (None: not queued, not claimed, or a create was sent under the claim)."""
-    return session.scalar(
-        select(Job.claimed_until).where(
-            Job.id == job_id,
-            Job.status == JobStatus.QUEUED.value,
-            Job.claim_token.is_not(None),
-            Job.create_started_at.is_(None),
-        )
-    )
+    job = session.get(Job, job_id)
+    return claim_lapses_at(job) if job is not None else None
 
 
 def mark_create_started(session: Session, job_id: uuid.UUID, token: str, now: datetime) -> bool:

@@ -126,8 +126,7 @@ def poll_jobs(
 def _slots_awaited(provider: str, runtime: Runtime) -> bool:
     """Whether jobs wait for the slots of a provider whose accounts have slot limits
     (then its in-flight jobs are polled without backing off)."""
-    accounts = runtime.providers.accounts(provider)
-    if all(account.limits.max_in_flight is None for account in accounts):
+    if not capacity.slot_limited(runtime.providers.accounts(provider)):
         return False
     with runtime.autocommit() as session:
         return bool(capacity.waiting_head(session, provider, 1, utcnow()))

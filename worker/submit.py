@@ -619,7 +619,7 @@ def _record(
                 if state.status is not JobStatus.SUBMITTED:
                     return NOTHING_TO_DO
                 accounts = runtime.providers.accounts(provider)
-                return SubmitOutcome(poll_in=first_poll_in(adapter, accounts, runtime))
+                return SubmitOutcome(poll_in=first_poll_in(adapter, accounts, plan))
     try:  # no lock held: the row is read and the write guarded by what was read
         with runtime.autocommit() as session:
             job = jobs.record_submission(
@@ -637,15 +637,14 @@ def _record(
     return SubmitOutcome(orphan=task_id if orphaned else None)
 
 
-def first_poll_in(adapter: Provider, accounts: Sequence[Account], runtime: Runtime) -> float | None:
+def first_poll_in(adapter: Provider, accounts: Sequence[Account], plan: PollPlan) -> float | None:
     """Seconds until a just-submitted job's first poll, when it is sent with the job
     (None: beat's next tick leases it). Only for a polled provider with slot limits: its
     slot frees only when a poll sees the job end, and a poll leased by beat comes up to
     a whole VARIFLOW_POLL_INTERVAL after the job is due."""
-    if adapter.supports_webhook or all(a.limits.max_in_flight is None for a in accounts):
+    if adapter.supports_webhook or not capacity.slot_limited(accounts):
         return None
     now = utcnow()
-    plan = PollPlan.of(runtime.settings, adapter.webhook_grace)
     return (plan.next_at(PollReason.SUBMITTED, now) - now).total_seconds()
 
 

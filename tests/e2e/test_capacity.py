@@ -41,6 +41,7 @@ from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from sandbox.testing import png_bytes
 from tests.conftest import use_environment
+from tests.e2e.conftest import TIMINGS as E2E_TIMINGS
 from tests.e2e.conftest import RunningStack
 from worker import capacity
 from worker.api import JobInfo, cancel_job, get_job, submit_variation
@@ -64,18 +65,8 @@ max_in_flight = 2
 api_key_env = "CAPACITY_TEST_KEY_B"
 max_in_flight = 2
 """
-# Short intervals, so that polls, retries and the sweep happen within a test.
-TIMINGS = {
-    "VARIFLOW_SUBMIT_RETRY_BASE": "0.2",
-    "VARIFLOW_SUBMIT_RETRY_CAP": "1.0",
-    "VARIFLOW_POLL_INTERVAL": "0.3",
-    "VARIFLOW_POLL_BACKOFF_START": "0.3",
-    "VARIFLOW_POLL_BACKOFF_CAP": "2.0",
-    "VARIFLOW_PIAPI_WEBHOOK_GRACE": "2.0",
-    "VARIFLOW_SWEEP_INTERVAL": "1.0",
-    "VARIFLOW_LOST_MESSAGE_GRACE": "2.0",
-    "VARIFLOW_RESULT_STORE": "off",
-}
+# The e2e intervals (polls, retries and the sweep happen within a test), results not kept.
+TIMINGS = {**E2E_TIMINGS, "VARIFLOW_RESULT_STORE": "off"}
 
 
 # --------------------------------------------------------------------------- helpers

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from sandbox.config import SandboxConfig
 from sandbox.server import SandboxServer
 from tests.conftest import Configure
-from tests.e2e.conftest import STOP_TIMEOUT, serving_png
+from tests.e2e.conftest import STOP_TIMEOUT, TIMINGS, serving_png
 from worker import tokens
 from worker.cli import cli
 from worker.devstack import Stack, free_port, sandbox_env
@@ -122,14 +122,7 @@ def api(
             "VARIFLOW_BROKER_URL": redis_server_url,
             "VARIFLOW_QUEUE": f"variflow-test-{uuid.uuid4().hex[:8]}",
             "VARIFLOW_PUBLIC_URL": web_url,
-            "VARIFLOW_SUBMIT_RETRY_BASE": "0.2",
-            "VARIFLOW_SUBMIT_RETRY_CAP": "1.0",
-            "VARIFLOW_POLL_INTERVAL": "0.3",
-            "VARIFLOW_POLL_BACKOFF_START": "0.3",
-            "VARIFLOW_POLL_BACKOFF_CAP": "2.0",
-            "VARIFLOW_PIAPI_WEBHOOK_GRACE": "2.0",
-            "VARIFLOW_SWEEP_INTERVAL": "1.0",
-            "VARIFLOW_LOST_MESSAGE_GRACE": "2.0",
+            **TIMINGS,
             **sandbox_env(sandbox.url),
         }
         # The children inherit os.environ under env: a developer's VARIFLOW_* must not
