@@ -2,6 +2,7 @@
 
     python bench/capacity.py                 # 1,250 PiAPI + 620 Piclaza + 130 LemonData
     python bench/capacity.py --scale 0.25    # a quarter of each, for a quick look
+    python bench/capacity.py --task-seconds 0.6 --scale 0.5   # fewer jobs a second
 
 Run by ``make bench``. It prints numbers and exits 0 whatever they are; it exits 1 only
 when it could not measure (a server unreachable, a process that died, jobs that stopped
@@ -14,8 +15,8 @@ switched on (VARIFLOW_SANDBOX_*), the same in both runs:
   waits upstream as ``staged`` (PiAPI queues, it does not refuse);
 - Piclaza: one key of 5 slots; a create beyond them is refused (code 429);
 - LemonData: one key, 120 requests a sliding minute; beyond, HTTP 429 with Retry-After;
-- every task is pending 0.05 s and processing 0.15 s (d = 0.2 s; LemonData answers its
-  synchronous create after d).
+- every task is pending 0.05 s and processing 0.15 s (d = 0.2 s, --task-seconds; LemonData
+  answers its synchronous create after d).
 
 The two runs, each on a deployment of its own (a fresh database, queue and sandbox; web,
 one Celery worker of 4 processes, beat):
@@ -46,6 +47,12 @@ Measured per run, from the first submit:
   from when it starts, or leaves PiAPI's staged line, until it ends), sampled every 0.1 s.
   100 % is every paid slot busy until the provider's work is done;
 - ``makespan``: first submit -> the last job ended (any provider).
+
+Printed with each run's details: how busy the machine's CPUs were over the same span, and
+the CPU time of every process together per job. The burst asks ~50 jobs a second of the
+machine while PiAPI and Piclaza both run; when the CPUs are near 100 % busy the run is
+CPU-bound, and the utilisation and makespan measure the machine as much as admission.
+Longer tasks (--task-seconds) ask fewer jobs a second for the same limits.
 
 The ideal makespan the limits allow (printed with the results): every slot busy from the
 first moment and the rate used from its first turn: PiAPI ceil(N/6) x d, Piclaza
@@ -99,8 +106,7 @@ DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 TERMINAL = ("completed", "failed", "cancelled")
 JOBS = {"piapi": 1250, "piclaza": 620, "lemondata": 130}
-PENDING, PROCESSING = 0.05, 0.15
-TASK_SECONDS = PENDING + PROCESSING
+TASK_SECONDS = 0.2  # each sandbox task: a quarter pending, then processing (--task-seconds)
 KEYS = {"a": "bench-piapi-key-a", "b": "bench-piapi-key-b"}
 PIAPI_SLOTS_PER_KEY, PICLAZA_SLOTS, LEMONDATA_PER_MINUTE = 3, 5, 120
 # PiAPI holds a task created beyond a key's slots as "staged" and starts it when a slot
@@ -109,8 +115,6 @@ PIAPI_STAGED_PER_KEY = 1
 SLOTS = {"piapi": PIAPI_SLOTS_PER_KEY * len(KEYS), "piclaza": PICLAZA_SLOTS}
 SANDBOX = {
     "VARIFLOW_SANDBOX_API_KEYS": ",".join([SANDBOX_KEY, *KEYS.values()]),
-    "VARIFLOW_SANDBOX_PENDING_SECONDS": str(PENDING),
-    "VARIFLOW_SANDBOX_PROCESSING_SECONDS": str(PROCESSING),
     "VARIFLOW_SANDBOX_IMAGES_PER_TASK": "1",
     "VARIFLOW_SANDBOX_SEED": "11",
     "VARIFLOW_SANDBOX_PIAPI_MAX_CONCURRENT": ",".join(
@@ -159,13 +163,47 @@ def accounts_toml(limited: bool) -> str:
     )
 
 
-def ideal_seconds(jobs: dict[str, int]) -> dict[str, float]:
+def task_timing(seconds: float) -> dict[str, str]:
+    """The sandbox's task duration: a quarter pending, the rest processing."""
+    return {
+        "VARIFLOW_SANDBOX_PENDING_SECONDS": f"{seconds / 4:g}",
+        "VARIFLOW_SANDBOX_PROCESSING_SECONDS": f"{seconds * 3 / 4:g}",
+    }
+
+
+def ideal_seconds(jobs: dict[str, int], task: float) -> dict[str, float]:
     """The earliest each provider's jobs can all have ended under the sandbox's limits."""
     return {
-        "piapi": math.ceil(jobs["piapi"] / SLOTS["piapi"]) * TASK_SECONDS,
-        "piclaza": math.ceil(jobs["piclaza"] / SLOTS["piclaza"]) * TASK_SECONDS,
-        "lemondata": max(0, jobs["lemondata"] - 1) * 60 / LEMONDATA_PER_MINUTE + TASK_SECONDS,
+        "piapi": math.ceil(jobs["piapi"] / SLOTS["piapi"]) * task,
+        "piclaza": math.ceil(jobs["piclaza"] / SLOTS["piclaza"]) * task,
+        "lemondata": max(0, jobs["lemondata"] - 1) * 60 / LEMONDATA_PER_MINUTE + task,
     }
+
+
+class CpuMeter:
+    """The whole machine's CPU over a stretch of time (Linux's /proc/stat): how busy its
+    CPUs were, and the CPU time every process together spent. On a small machine the
+    bench's burst is CPU-bound: then the makespan is the machine's, not admission's."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    def stop(self) -> tuple[float, float] | None:
+        """(busy share, busy CPU-seconds) since the meter started; None off Linux."""
+        end = self._read()
+        if self._start is None or end is None or end[0] == self._start[0]:
+            return None
+        total, idle = end[0] - self._start[0], end[1] - self._start[1]
+        return (total - idle) / total, (total - idle) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -214,6 +252,7 @@ class Result:
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-key sandbox stats
     creates_by_key: Counter[str] = field(default_factory=Counter)
     refill: dict[str, float] = field(default_factory=dict)  # median refill gap per provider
+    cpu: tuple[float, float] | None = None  # CpuMeter: busy share, busy CPU-seconds
 
     @property
     def rejected(self) -> int:
@@ -251,6 +290,13 @@ class Result:
                 f" (ideal {ideal[provider]:.1f} s){used}; refused upstream"
                 f" {sum(refused.values())} {refused or ''}".rstrip()
             )
+        if self.cpu is not None:
+            busy, seconds = self.cpu
+            lines.append(
+                f"  machine: {os.cpu_count()} CPUs {busy:.0%} busy from the first submit to the"
+                f" last end; {seconds / sum(self.jobs.values()) * 1000:.0f} ms of CPU per job"
+                " (every process: variflow, PostgreSQL, Redis, the sandbox, this bench)"
+            )
         for label, stats in self.keys.items():
             lines.append(
                 f"    key {label}: {self.creates_by_key[label]} tasks created,"
@@ -284,6 +330,7 @@ def deployment(
     env = {
         **SETTINGS,
         **SANDBOX,
+        **task_timing(args.task_seconds),
         **sandbox_env(f"http://{HOST}:{sandbox_port}"),
         **(LIMITS_ON if mode == "on" else {}),
         "VARIFLOW_HOME": str(home),
@@ -407,6 +454,7 @@ def _measure(
     ends: dict[str, float] = {}
     try:
         sampler.start()
+        meter = CpuMeter()
         started = time.monotonic()
         submitter = threading.Thread(target=submit_all, args=(jobs,), name="submitter")
         submitter.start()
@@ -439,6 +487,7 @@ def _measure(
                 if proc.poll() is not None:
                     raise MeasurementError(f"{name} exited with {proc.returncode}")
         makespan = max(ends.values())
+        cpu = meter.stop()
         submitter.join()
     finally:
         sampler.stop()
@@ -483,6 +532,7 @@ def _measure(
         keys=keys,
         creates_by_key=creates,
         refill=refill,
+        cpu=cpu,
     )
 
 
@@ -520,6 +570,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scale", type=float, default=1.0, help="a share of the 2,000 jobs of each provider"
     )
     parser.add_argument(
+        "--task-seconds",
+        type=float,
+        default=TASK_SECONDS,
+        help="how long each sandbox task runs (the issue: a few hundred ms); longer tasks"
+        " ask fewer jobs a second of the machine",
+    )
+    parser.add_argument(
         "--stall-timeout",
         type=float,
         default=120.0,
@@ -540,6 +597,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 < args.scale <= 1:
         parser.error("--scale must be in (0, 1]")
+    if not 0 < args.task_seconds <= 60:
+        parser.error("--task-seconds must be in (0, 60]")
     return args
 
 
@@ -553,11 +612,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     jobs = {p: max(1, round(n * args.scale)) for p, n in JOBS.items()}
-    ideal = ideal_seconds(jobs)
+    ideal = ideal_seconds(jobs, args.task_seconds)
     print(
         f"sandbox: PiAPI 2 keys x {PIAPI_SLOTS_PER_KEY} slots (staged beyond), Piclaza"
         f" {PICLAZA_SLOTS} slots (refused beyond), LemonData {LEMONDATA_PER_MINUTE} requests"
-        f" a minute (429 beyond); tasks {TASK_SECONDS:g} s",
+        f" a minute (429 beyond); tasks {args.task_seconds:g} s",
         flush=True,
     )
     print("settings: " + " ".join(f"{k}={v}" for k, v in SETTINGS.items()), flush=True)
