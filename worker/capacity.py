@@ -30,6 +30,7 @@ budget under ``VARIFLOW_BUDGET_POLICY=fail``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Sequence
@@ -37,10 +38,23 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal, or_, select, text, update
+from sqlalchemy import (
+    Integer,
+    Table,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import BindParameter
 
 from worker import jobs
 from worker.accounts import Account, Limits
@@ -380,8 +394,11 @@ def lock_provider(session: Session, provider: str) -> None:
 
 
 def _states(session: Session, provider: str) -> dict[str, AccountState]:
-    rows = session.scalars(select(AccountState).where(AccountState.provider == provider))
+    rows = session.scalars(_STATES, {"provider": provider})
     return {row.account: row for row in rows}
+
+
+_STATES = select(AccountState).where(AccountState.provider == bindparam("provider"))
 
 
 def _counts_days(accounts: Sequence[Account]) -> bool:
@@ -403,21 +420,11 @@ def usage_by_account(
     that for accounts without daily budgets: the day's counts read every row the
     provider ended today, a cost that grows with each job of the day, while the slots
     in use are read from the few rows that hold one."""
-    day = datetime.combine(now.date(), time(), tzinfo=now.tzinfo)
-    holding = or_(
-        Job.status.in_(IN_FLIGHT),
-        and_(
-            Job.status == JobStatus.QUEUED.value,
-            or_(Job.create_started_at.is_not(None), Job.claimed_until > now),
-        ),
-    )
     if not daily:
-        held = session.execute(
-            select(Job.account, func.count())
-            .where(Job.provider == provider, Job.account.is_not(None), holding)
-            .group_by(Job.account)
-        )
+        held = session.execute(_slots_statement(), {"provider": provider, "now": now})
         return {str(account): Usage(in_flight=int(n)) for account, n in held}
+    day = datetime.combine(now.date(), time(), tzinfo=now.tzinfo)
+    holding = _holding(now)
     failed_today = and_(
         Job.status == JobStatus.FAILED.value,
         Job.error_code.in_(UPSTREAM_FAILURES),
@@ -466,38 +473,89 @@ def _array_length(session: Session, column: Any) -> Any:
     return func.json_array_length(column)
 
 
+def _holding(now: datetime | BindParameter[datetime]) -> Any:
+    """A job that holds a slot of its account: in flight, or being created."""
+    column = jobs.JOBS.c
+    return or_(
+        column.status.in_(IN_FLIGHT),
+        and_(
+            column.status == JobStatus.QUEUED.value,
+            or_(column.create_started_at.is_not(None), column.claimed_until > now),
+        ),
+    )
+
+
+@functools.cache
+def _slots_statement() -> Any:
+    """The slots each account of a provider holds, built once (values bound at execution):
+    every admission and every job's end on a slot-limited provider runs it."""
+    column = jobs.JOBS.c
+    return (
+        select(column.account, func.count())
+        .where(
+            column.provider == bindparam("provider", type_=column.provider.type),
+            column.account.is_not(None),
+            _holding(bindparam("now", type_=column.claimed_until.type)),
+        )
+        .group_by(column.account)
+    )
+
+
 def jobs_ahead(session: Session, job: Job, now: datetime, at_most: int | None = None) -> int:
     """Queued jobs of the provider before ``job`` that nobody is submitting (FIFO,
     higher priority first; a job waiting out its own retry backoff is not in line),
     counted up to ``at_most`` (:func:`line_cap`: a count that stops there decides the
     same, and does not read the whole line for each job of a burst)."""
+    values = {
+        "provider": job.provider,
+        "priority": job.priority,
+        "created_at": job.created_at,
+        "id": job.id,
+        "now": now,
+        "at_most": at_most,
+    }
+    count = session.scalar(_ahead_statement(at_most is not None), values)
+    return int(count or 0)
+
+
+@functools.cache
+def _ahead_statement(capped: bool) -> Any:
+    """jobs_ahead's count, built once per shape (values bound at execution): every
+    admission runs it, and building it each time cost more than running it."""
+    table = jobs.JOBS
+    column = table.c
+    priority = bindparam("priority", type_=column.priority.type)
+    created_at = bindparam("created_at", type_=column.created_at.type)
+    now = bindparam("now", type_=column.created_at.type)
     before = or_(
-        Job.priority > job.priority,
+        column.priority > priority,
         and_(
-            Job.priority == job.priority,
+            column.priority == priority,
             or_(
-                Job.created_at < job.created_at,
-                and_(Job.created_at == job.created_at, Job.id < job.id),
+                column.created_at < created_at,
+                and_(
+                    column.created_at == created_at,
+                    column.id < bindparam("id", type_=column.id.type),
+                ),
             ),
         ),
     )
     line = (
         select(literal(1))
-        .select_from(Job)
+        .select_from(table)
         .where(
-            Job.provider == job.provider,
-            Job.status == JobStatus.QUEUED.value,
-            Job.create_started_at.is_(None),
-            or_(Job.claimed_until.is_(None), Job.claimed_until <= now),
-            or_(Job.retry_at.is_(None), Job.retry_at <= now),
-            Job.deadline > now,
+            column.provider == bindparam("provider", type_=column.provider.type),
+            column.status == JobStatus.QUEUED.value,
+            column.create_started_at.is_(None),
+            or_(column.claimed_until.is_(None), column.claimed_until <= now),
+            or_(column.retry_at.is_(None), column.retry_at <= now),
+            column.deadline > now,
             before,
         )
     )
-    if at_most is not None:
-        line = line.limit(at_most)
-    count = session.scalar(select(func.count()).select_from(line.subquery()))
-    return int(count or 0)
+    if capped:
+        line = line.limit(bindparam("at_most", type_=Integer))
+    return select(func.count()).select_from(line.subquery())
 
 
 # Places in line shown exactly in a waiting reason ("37 earlier jobs"); beyond, "100+".
@@ -602,16 +660,29 @@ def record_success(session: Session, account: Account, now: datetime) -> bool:
     row back to 0, no probe. :func:`record_outcome`'s success in one conditional write,
     which changes nothing (and is the only statement) when nothing was noted, as for
     nearly every create."""
-    cleared = session.execute(
-        update(AccountState)
-        .where(
-            AccountState.provider == account.provider,
-            AccountState.account == account.name,
-            or_(AccountState.failures > 0, AccountState.probe_job_id.is_not(None)),
-        )
-        .values(failures=0, opened_until=None, probe_job_id=None, updated_at=now)
-    ).rowcount  # type: ignore[attr-defined]
+    values = {"of_provider": account.provider, "of_account": account.name, "now": now}
+    cleared = session.execute(_CLEAR_BREAKER, values).rowcount  # type: ignore[attr-defined]
     return bool(cleared)
+
+
+# Built once: it follows nearly every create. On the table, not the ORM entity: no
+# session state to bring in step with the write (there is none to change).
+_ACCOUNT_STATES: Table = AccountState.__table__  # type: ignore[assignment]
+_CLEAR_BREAKER = (
+    update(_ACCOUNT_STATES)
+    .where(
+        # (An UPDATE's parameters may not be named after its columns.)
+        _ACCOUNT_STATES.c.provider == bindparam("of_provider"),
+        _ACCOUNT_STATES.c.account == bindparam("of_account"),
+        or_(_ACCOUNT_STATES.c.failures > 0, _ACCOUNT_STATES.c.probe_job_id.is_not(None)),
+    )
+    .values(
+        failures=0,
+        opened_until=None,
+        probe_job_id=None,
+        updated_at=bindparam("now", type_=_ACCOUNT_STATES.c.updated_at.type),
+    )
+)
 
 
 def _upsert(session: Session, account: Account, values: dict[str, object]) -> None:

@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import (
+    Integer,
     String,
     Table,
     bindparam,
@@ -39,6 +40,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.sql.elements import BindParameter
 
 from worker.accounts import DEFAULT_ACCOUNT
 from worker.backoff import Backoff
@@ -530,9 +532,12 @@ def create_job(
     return job, JobEvent(id=event_id, job_id=job.id, **event)
 
 
-def in_line(table: Any, provider: str, now: datetime) -> tuple[Any, ...]:
+def in_line(
+    table: Any, provider: str | BindParameter[str], now: datetime | BindParameter[datetime]
+) -> tuple[Any, ...]:
     """What puts a job of ``provider`` in its line (``table``: the jobs table or an alias):
-    queued and waiting for capacity, not being submitted by anyone."""
+    queued and waiting for capacity, not being submitted by anyone (values, or the
+    parameters of a statement built once)."""
     return (
         table.c.provider == provider,
         table.c.status == JobStatus.QUEUED.value,
@@ -547,19 +552,47 @@ def line_order(table: Any) -> tuple[Any, ...]:
     return (table.c.priority.desc(), table.c.created_at, table.c.id)
 
 
-def _line_ahead(job: Job, now: datetime) -> Any:
-    """Jobs at least as urgent as ``job`` waiting in its provider's line, first first."""
+def _line_ahead() -> Any:
+    """Jobs at least as urgent as a job waiting in its provider's line, first first
+    (parameters: the job's provider, priority and id, and now)."""
     waiting = JOBS.alias("waiting")
     return (
         select(waiting.c.waiting_reason)
         .where(
-            *in_line(waiting, job.provider, now),
-            waiting.c.priority >= job.priority,
-            waiting.c.id != job.id,
+            *in_line(
+                waiting,
+                bindparam("of_provider", type_=JOBS.c.provider.type),
+                bindparam("now", type_=JOBS.c.created_at.type),
+            ),
+            waiting.c.priority >= bindparam("of_priority", type_=JOBS.c.priority.type),
+            waiting.c.id != bindparam("of_id", type_=JOBS.c.id.type),
         )
         .order_by(*line_order(waiting))
         .limit(1)
     )
+
+
+def _line_values(job: Job, now: datetime) -> dict[str, Any]:
+    return {"of_provider": job.provider, "of_priority": job.priority, "of_id": job.id, "now": now}
+
+
+# Built once (values bound at execution): every new job of a provider with limits runs
+# them, and building them on each call cost milliseconds of the API's time per job.
+_JOIN_THE_LINE = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("of_id", type_=JOBS.c.id.type),
+        JOBS.c.status == JobStatus.QUEUED.value,
+        JOBS.c.waiting_reason.is_(None),
+        _line_ahead().exists(),
+    )
+    .values(
+        waiting_reason=_line_ahead().scalar_subquery(),
+        updated_at=bindparam("now", type_=JOBS.c.updated_at.type),
+    )
+    .returning(JOBS.c.waiting_reason)
+)
+_STILL_BEHIND = select(_line_ahead().exists())
 
 
 def wait_in_line(session: Session, job: Job, now: datetime) -> JobEvent | None:
@@ -573,18 +606,7 @@ def wait_in_line(session: Session, job: Job, now: datetime) -> JobEvent | None:
     at the cost of a message and a task each, for every job of a burst. One conditional
     write decides. The caller then checks :func:`still_behind`: the job ahead may have
     been admitted, and its wake have missed this one, in the same instant."""
-    head_reason = _line_ahead(job, now).scalar_subquery()
-    reason = session.execute(
-        update(JOBS)
-        .where(
-            JOBS.c.id == job.id,
-            JOBS.c.status == JobStatus.QUEUED.value,
-            JOBS.c.waiting_reason.is_(None),
-            _line_ahead(job, now).exists(),
-        )
-        .values(waiting_reason=head_reason, updated_at=now)
-        .returning(JOBS.c.waiting_reason)
-    ).scalar()
+    reason = session.execute(_JOIN_THE_LINE, _line_values(job, now)).scalar()
     if reason is None:
         return None
     event = _event_row(now, Source.API, EventKind.INFO, JobStatus.QUEUED, JobStatus.QUEUED, reason)
@@ -599,7 +621,7 @@ def still_behind(session: Session, job: Job, now: datetime) -> bool:
     """Whether a job that joined the line (:func:`wait_in_line`) still has a waiting job
     ahead of it; if not, the ones it waited behind went meanwhile, and their wakes may
     have come before it was in line: it must then be sent its own submit message."""
-    return bool(session.scalar(select(_line_ahead(job, now).exists())))
+    return bool(session.scalar(_STILL_BEHIND, _line_values(job, now)))
 
 
 def set_waiting(
@@ -657,25 +679,45 @@ def wake_waiting(
     (PostgreSQL: the rows are locked in line order, then read again; SQLite: writers
     take turns), so a slot is never woken twice. A wake whose message was lost is made
     good once ``in_transit`` has passed."""
+    values = {
+        "line_provider": provider,
+        "now": now,
+        "count": count,
+        "stale": now - in_transit,
+        "but": but,
+    }
+    statement = _wake_statement(is_postgres(session), but is not None)
+    woken = session.execute(statement, values).all()
+    ordered = sorted(woken, key=lambda row: (-row.priority, row.created_at, row.id))
+    return [row.id for row in ordered]
+
+
+@functools.cache
+def _wake_statement(postgres: bool, but: bool) -> Any:
+    """wake_waiting's statement, built once per shape: a job's end runs it, and building
+    it each time cost more than running it."""
+    now = bindparam("now", type_=JOBS.c.created_at.type)
     line = (
         select(JOBS.c.id)
-        .where(*in_line(JOBS, provider, now), *([JOBS.c.id != but] if but is not None else []))
+        .where(
+            *in_line(JOBS, bindparam("line_provider", type_=JOBS.c.provider.type), now),
+            *([JOBS.c.id != bindparam("but", type_=JOBS.c.id.type)] if but else []),
+        )
         .order_by(*line_order(JOBS))
-        .limit(count)
+        .limit(bindparam("count", type_=Integer))
     )
-    if is_postgres(session):
+    if postgres:
         line = line.with_for_update()
-    woken = session.execute(
+    stale = bindparam("stale", type_=JOBS.c.woken_at.type)
+    return (
         update(JOBS)
         .where(
             JOBS.c.id.in_(line.scalar_subquery()),
-            or_(JOBS.c.woken_at.is_(None), JOBS.c.woken_at <= now - in_transit),
+            or_(JOBS.c.woken_at.is_(None), JOBS.c.woken_at <= stale),
         )
         .values(woken_at=now)
         .returning(JOBS.c.id, JOBS.c.priority, JOBS.c.created_at)
-    ).all()
-    ordered = sorted(woken, key=lambda row: (-row.priority, row.created_at, row.id))
-    return [row.id for row in ordered]
+    )
 
 
 def record_cost(session: Session, job_id: uuid.UUID, cost: float) -> None:
