@@ -182,28 +182,38 @@ def ideal_seconds(jobs: dict[str, int], task: float) -> dict[str, float]:
 
 class CpuMeter:
     """The whole machine's CPU over a stretch of time (Linux's /proc/stat): how busy its
-    CPUs were, and the CPU time every process together spent. On a small machine the
-    bench's burst is CPU-bound: then the makespan is the machine's, not admission's."""
+    CPUs were, the CPU time every process together spent, and the time the hypervisor
+    took for other machines (steal). On a small machine the bench's burst is CPU-bound:
+    then the makespan is the machine's, not admission's."""
 
     def __init__(self) -> None:
         self._start = self._read()
 
     @staticmethod
-    def _read() -> tuple[int, int] | None:
+    def _read() -> tuple[int, int, int] | None:
         try:
             with open("/proc/stat") as stat:
                 ticks = [int(v) for v in stat.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+        steal = ticks[7] if len(ticks) > 7 else 0
+        return sum(ticks[:8]), ticks[3] + ticks[4], steal  # all, idle + iowait, steal
 
-    def stop(self) -> tuple[float, float] | None:
-        """(busy share, busy CPU-seconds) since the meter started; None off Linux."""
+    def stop(self) -> CpuUse | None:
+        """The CPU used since the meter started; None off Linux."""
         end = self._read()
         if self._start is None or end is None or end[0] == self._start[0]:
             return None
-        total, idle = end[0] - self._start[0], end[1] - self._start[1]
-        return (total - idle) / total, (total - idle) / os.sysconf("SC_CLK_TCK")
+        total, idle, steal = (b - a for a, b in zip(self._start, end, strict=True))
+        busy = total - idle - steal
+        return CpuUse(busy / total, busy / os.sysconf("SC_CLK_TCK"), steal / total)
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    busy: float  # share of the machine's CPU time spent running processes
+    seconds: float  # CPU-seconds they spent, all processes together
+    steal: float  # share taken by the hypervisor for other machines
 
 
 # --------------------------------------------------------------------------- measuring
@@ -252,7 +262,7 @@ class Result:
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-key sandbox stats
     creates_by_key: Counter[str] = field(default_factory=Counter)
     refill: dict[str, float] = field(default_factory=dict)  # median refill gap per provider
-    cpu: tuple[float, float] | None = None  # CpuMeter: busy share, busy CPU-seconds
+    cpu: CpuUse | None = None
 
     @property
     def rejected(self) -> int:
@@ -291,11 +301,14 @@ class Result:
                 f" {sum(refused.values())} {refused or ''}".rstrip()
             )
         if self.cpu is not None:
-            busy, seconds = self.cpu
+            per_job = self.cpu.seconds / sum(self.jobs.values()) * 1000
+            steal = (
+                f", {self.cpu.steal:.0%} stolen by the hypervisor" if self.cpu.steal >= 0.01 else ""
+            )
             lines.append(
-                f"  machine: {os.cpu_count()} CPUs {busy:.0%} busy from the first submit to the"
-                f" last end; {seconds / sum(self.jobs.values()) * 1000:.0f} ms of CPU per job"
-                " (every process: variflow, PostgreSQL, Redis, the sandbox, this bench)"
+                f"  machine: {os.cpu_count()} CPUs {self.cpu.busy:.0%} busy from the first submit"
+                f" to the last end{steal}; {per_job:.0f} ms of CPU per job (every process:"
+                " variflow, PostgreSQL, Redis, the sandbox, this bench)"
             )
         for label, stats in self.keys.items():
             lines.append(
