@@ -665,8 +665,9 @@ def record_success(session: Session, account: Account, now: datetime) -> bool:
     return bool(cleared)
 
 
-# Built once: it follows nearly every create. On the table, not the ORM entity: no
-# session state to bring in step with the write (there is none to change).
+# Built once: it follows nearly every create. On the table, not the ORM entity, so an
+# AccountState the caller's session already holds is not brought in step with it: call
+# it in a session that has not read the account's state (submit does, in its own).
 _ACCOUNT_STATES: Table = AccountState.__table__  # type: ignore[assignment]
 _CLEAR_BREAKER = (
     update(_ACCOUNT_STATES)
