@@ -67,6 +67,7 @@ from pathlib import Path
 
 from _db import create_database, drop_database, nullpool_engine
 from _gunicorn import GunicornServer, http_status, probe_healthz
+from _machine import cpu_ticks
 from celery import Celery
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -574,20 +575,12 @@ def _redacted(url: str) -> str:
 # --------------------------------------------------------------------------- machine
 
 
-def _busy_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the machine since boot (/proc/stat)."""
-    with Path("/proc/stat").open() as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:9]]  # guest is already in user
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return sum(ticks) - idle, sum(ticks)
-
-
 def machine_busy(seconds: float = 1.0) -> float:
     """The share of the machine's CPUs busy over ``seconds`` (others' work, before we start)."""
-    busy, total = _busy_ticks()
+    before = cpu_ticks()
     time.sleep(seconds)  # a measurement window, not a wait for something
-    busy_after, total_after = _busy_ticks()
-    return (busy_after - busy) / max(1, total_after - total)
+    after = cpu_ticks()
+    return (after.busy - before.busy) / max(1, after.total - before.total)
 
 
 # --------------------------------------------------------------------------- main

@@ -88,6 +88,7 @@ from typing import Any
 import httpx
 import redis
 from _db import create_database, drop_database, nullpool_engine
+from _machine import CLK_TCK, CpuTicks, cpu_ticks
 from sqlalchemy import Engine, func, select, text
 
 from sandbox.capacity import key_fingerprint
@@ -190,23 +191,21 @@ class CpuMeter:
         self._start = self._read()
 
     @staticmethod
-    def _read() -> tuple[int, int, int] | None:
+    def _read() -> CpuTicks | None:
         try:
-            with open("/proc/stat") as stat:
-                ticks = [int(v) for v in stat.readline().split()[1:]]
-        except (OSError, ValueError):
+            return cpu_ticks()
+        except (OSError, ValueError, IndexError):
             return None
-        steal = ticks[7] if len(ticks) > 7 else 0
-        return sum(ticks[:8]), ticks[3] + ticks[4], steal  # all, idle + iowait, steal
 
     def stop(self) -> CpuUse | None:
         """The CPU used since the meter started; None off Linux."""
         end = self._read()
-        if self._start is None or end is None or end[0] == self._start[0]:
+        if self._start is None or end is None or end.total == self._start.total:
             return None
-        total, idle, steal = (b - a for a, b in zip(self._start, end, strict=True))
-        busy = total - idle - steal
-        return CpuUse(busy / total, busy / os.sysconf("SC_CLK_TCK"), steal / total)
+        total = end.total - self._start.total
+        steal = end.steal - self._start.steal
+        busy = end.busy - self._start.busy - steal
+        return CpuUse(busy / total, busy / CLK_TCK, steal / total)
 
 
 @dataclass(frozen=True)

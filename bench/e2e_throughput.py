@@ -101,6 +101,7 @@ from typing import Any
 import httpx
 import redis
 from _db import create_database, drop_database, nullpool_engine
+from _machine import CLK_TCK, busy_seconds
 from _noop import NOOP_TASK
 from PIL import Image
 from sqlalchemy import Connection, func, select, text
@@ -220,8 +221,6 @@ def _redacted(url: str) -> str:
 
 # --------------------------------------------------------------------------- /proc
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 @dataclass(frozen=True)
 class Proc:
@@ -243,7 +242,7 @@ def process_table() -> dict[int, Proc]:
         rest = raw[raw.rindex(")") + 2 :].split()
         # proc(5): rest[1] ppid; rest[11..14] utime, stime, cutime, cstime (clock ticks).
         ticks = sum(int(v) for v in rest[11:15])
-        table[int(entry.name)] = Proc(int(rest[1]), comm, ticks / _CLK_TCK)
+        table[int(entry.name)] = Proc(int(rest[1]), comm, ticks / CLK_TCK)
     return table
 
 
@@ -259,13 +258,6 @@ def tree(table: dict[int, Proc], root: int) -> set[int]:
             found.add(pid)
             todo.extend(children.get(pid, []))
     return found
-
-
-def _machine_busy_seconds() -> float:
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    # guest time is already counted in user: only the first 8 columns add up.
-    return (sum(ticks[:8]) - idle) / _CLK_TCK
 
 
 def _own_cpu_seconds() -> float:
@@ -302,7 +294,7 @@ class Cpu:
         )
         values["redis"] = sum(p.cpu for p in table.values() if p.comm.startswith("redis-server"))
         values["loadgen"] = _own_cpu_seconds()
-        values["machine"] = _machine_busy_seconds()
+        values["machine"] = busy_seconds()
         values["wall"] = time.monotonic()
         return cls(**values)
 

@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from _db import create_database, drop_database, nullpool_engine
+from _machine import CLK_TCK, busy_seconds
 from sqlalchemy import Engine, event, text
 
 from sandbox.config import SandboxConfig
@@ -490,7 +491,7 @@ def with_adapter(runtime: Runtime, adapter: Any) -> Runtime:
 def _postgres_cpu_seconds(database: str) -> float:
     """CPU seconds of PostgreSQL working for us: the backends connected to ``database``
     and the server's own processes (WAL writer, checkpointer ...), not other databases'."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    ticks = CLK_TCK
     total = 0.0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -509,13 +510,6 @@ def _postgres_cpu_seconds(database: str) -> float:
         fields = raw[raw.rindex(")") + 2 :].split()
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy since boot (all CPUs, /proc/stat)."""
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpus() -> int:
@@ -607,7 +601,7 @@ def run_cycle(engine: Engine, runtime: Runtime, counter: SqlCounter, jobs: int) 
     poll_batches = 0
     database = engine.url.database or ""
     cpu_before, pg_before = time.process_time(), _postgres_cpu_seconds(database)
-    machine_before = _machine_busy_seconds()
+    machine_before = busy_seconds()
     started = time.perf_counter()
     while True:
         counter.phase = "pending"
@@ -628,7 +622,7 @@ def run_cycle(engine: Engine, runtime: Runtime, counter: SqlCounter, jobs: int) 
     seconds = time.perf_counter() - started
     process_cpu = time.process_time() - cpu_before
     postgres_cpu = _postgres_cpu_seconds(database) - pg_before
-    machine_cpu = _machine_busy_seconds() - machine_before
+    machine_cpu = busy_seconds() - machine_before
     counter.phase = "other"
     return CycleResult(
         jobs=jobs,
@@ -917,9 +911,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upstream: the sandbox over real HTTP on 127.0.0.1, every task 'running'"
         " (jobs stay processing: duplicate answers, rescheduled with backoff)"
     )
-    before, started = _machine_busy_seconds(), time.monotonic()
+    before, started = busy_seconds(), time.monotonic()
     time.sleep(1.0)  # a measurement window, not a wait for something
-    background = (_machine_busy_seconds() - before) / ((time.monotonic() - started) * _cpus())
+    background = (busy_seconds() - before) / ((time.monotonic() - started) * _cpus())
     print(f"machine busy before start: {background:.0%} of {_cpus()} CPUs (other processes)")
     db_name = f"variflow_bench_poll_{os.getpid()}"
     try:

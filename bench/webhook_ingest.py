@@ -54,6 +54,7 @@ from typing import Any
 from _db import create_database, drop_database, nullpool_engine
 from _gunicorn import GunicornServer, http_status, probe_healthz
 from _load import Delivery, LoadReport, run_load
+from _machine import CLK_TCK, busy_seconds
 from celery import Celery
 from sqlalchemy import Engine, event, func, insert, select, text, update
 from sqlalchemy.engine import URL
@@ -527,8 +528,6 @@ def delete_queue(broker: Celery) -> int:
 
 # --------------------------------------------------------------------------- CPU accounting
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
 
 def _processes() -> Iterator[tuple[int, int, str, float]]:
     """(pid, ppid, comm, cpu seconds) of every process we can read in /proc."""
@@ -542,14 +541,7 @@ def _processes() -> Iterator[tuple[int, int, str, float]]:
         comm = raw[raw.index("(") + 1 : raw.rindex(")")]
         fields = raw[raw.rindex(")") + 2 :].split()
         # fields[1] is ppid; fields[11], fields[12] are utime, stime (proc(5)).
-        yield int(entry.name), int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def _machine_busy_seconds() -> float:
-    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    # guest time is already counted in user: only the first 8 columns add up.
-    return (sum(ticks[:8]) - idle) / _CLK_TCK
+        yield int(entry.name), int(fields[1]), comm, (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @dataclass(frozen=True)
@@ -567,7 +559,7 @@ class CpuSnapshot:
                 app += cpu  # gunicorn workers are the master's children
             elif comm.startswith("postgres"):
                 postgres += cpu
-        return cls(time.monotonic(), _machine_busy_seconds(), app, postgres)
+        return cls(time.monotonic(), busy_seconds(), app, postgres)
 
 
 @dataclass(frozen=True)

@@ -521,7 +521,7 @@ def jobs_ahead(session: Session, job: Job, now: datetime, at_most: int | None = 
 @functools.cache
 def _ahead_statement(capped: bool) -> Any:
     """jobs_ahead's count, built once per shape (values bound at execution): every
-    admission runs it, and building it each time cost more than running it."""
+    admission runs it, and building it on each call showed in profiles."""
     table = jobs.JOBS
     column = table.c
     priority = bindparam("priority", type_=column.priority.type)
@@ -701,15 +701,7 @@ def _upsert(session: Session, account: Account, values: dict[str, object]) -> No
 
 def waiting_head(session: Session, provider: str, limit: int, now: datetime) -> list[uuid.UUID]:
     """The first ``limit`` jobs of the provider's queue that wait for capacity."""
-    table = jobs.JOBS
-    return list(
-        session.scalars(
-            select(table.c.id)
-            .where(*jobs.in_line(table, provider, now))
-            .order_by(*jobs.line_order(table))
-            .limit(limit)
-        )
-    )
+    return jobs.line_head(session, provider, limit, now)
 
 
 @dataclass(frozen=True)

@@ -692,20 +692,38 @@ def wake_waiting(
     return [row.id for row in ordered]
 
 
+def line_head(session: Session, provider: str, count: int, now: datetime) -> list[uuid.UUID]:
+    """The first ``count`` jobs in the provider's line, first first."""
+    values = {"line_provider": provider, "now": now, "count": count}
+    return list(session.scalars(_line_head(but=False), values))
+
+
 @functools.cache
-def _wake_statement(postgres: bool, but: bool) -> Any:
-    """wake_waiting's statement, built once per shape: a job's end runs it, and building
-    it each time cost more than running it."""
-    now = bindparam("now", type_=JOBS.c.created_at.type)
-    line = (
+def _line_head(but: bool) -> Any:
+    """The first ``count`` jobs in a provider's line, but ``but`` when asked, built once
+    per shape (parameters: line_provider, now, count, but): every poll of a provider
+    with slot limits and every wake runs it."""
+    return (
         select(JOBS.c.id)
         .where(
-            *in_line(JOBS, bindparam("line_provider", type_=JOBS.c.provider.type), now),
+            *in_line(
+                JOBS,
+                bindparam("line_provider", type_=JOBS.c.provider.type),
+                bindparam("now", type_=JOBS.c.created_at.type),
+            ),
             *([JOBS.c.id != bindparam("but", type_=JOBS.c.id.type)] if but else []),
         )
         .order_by(*line_order(JOBS))
         .limit(bindparam("count", type_=Integer))
     )
+
+
+@functools.cache
+def _wake_statement(postgres: bool, but: bool) -> Any:
+    """wake_waiting's statement, built once per shape: a job's end runs it, and building
+    it each time showed in profiles."""
+    now = bindparam("now", type_=JOBS.c.created_at.type)
+    line = _line_head(but)
     if postgres:
         line = line.with_for_update()
     stale = bindparam("stale", type_=JOBS.c.woken_at.type)
